@@ -1,0 +1,5 @@
+"""rmmhunt: find RMM tools by their Authenticode signers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
