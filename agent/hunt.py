@@ -1,0 +1,73 @@
+"""Run the rules over stored rows: the per-device result shape of the published queries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.rules.loader import Rule
+from agent.store import Store
+
+
+@dataclass(frozen=True)
+class HuntResult:
+    rule: Rule
+    result: dict[str, Any]  # exactly what the rule's summarize yields
+    rows: tuple[dict[str, Any], ...]  # the rows behind it (drill-down)
+
+
+def _rows_behind(result: Mapping[str, Any], matched: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """Rows that fed one summarize group: same values in the result's grouping columns and,
+    where the result lists ReportIds, one of those."""
+    report_ids = result.get("Report")
+    keys = [k for k in ("DeviceId", "DeviceName") if k in result]
+    out = []
+    for row in matched:
+        if any(row.get(k) != result[k] for k in keys):
+            continue
+        if isinstance(report_ids, list) and row.get("ReportId") not in report_ids:
+            continue
+        out.append(row)
+    return tuple(out)
+
+
+def run_hunt(
+    rows: Iterable[dict[str, Any]],
+    rules: Sequence[Rule],
+    *,
+    now: dt.datetime,
+    include_excluded: bool = False,
+    excluded_for: Mapping[tuple[str, int], set[str]] | None = None,
+) -> list[HuntResult]:
+    """Evaluate every rule over the rows. Excluded rows are left out unless asked for.
+
+    ``excluded_for`` maps (DeviceId, ReportId) to the rule ids for which an exclusion
+    applies to that row (per-rule exclusions); a row flagged Excluded is out for all rules.
+    """
+    pool = [r for r in rows if include_excluded or not r.get("Excluded")]
+    results: list[HuntResult] = []
+    for rule in rules:
+        matched = []
+        for row in pool:
+            if not include_excluded and excluded_for and rule.id in excluded_for.get(
+                (row["DeviceId"], row["ReportId"]), set()
+            ):
+                continue
+            if rule.query.filter_row(row, now=now) is not None:
+                matched.append(row)
+        if not matched:
+            continue
+        for result in rule.query.run(matched, now=now):
+            results.append(HuntResult(rule, result, _rows_behind(result, matched)))
+    return results
+
+
+def per_rule_exclusions(store: Store) -> dict[tuple[str, int], set[str]]:
+    """(DeviceId, ReportId) -> rule ids whose hit on that row was excluded."""
+    out: dict[tuple[str, int], set[str]] = {}
+    cur = store.db.execute("SELECT device_id, report_id, rule_id FROM hits WHERE excluded_by IS NOT NULL")
+    for device_id, report_id, rule_id in cur:
+        out.setdefault((device_id, report_id), set()).add(rule_id)
+    return out

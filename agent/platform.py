@@ -1,0 +1,157 @@
+"""The only module that checks sys.platform: device identity, default roots, state dir, priority."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import stat
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IS_WINDOWS = sys.platform == "win32"
+
+# Filesystems that hold no files worth scanning (kernel views, virtual, or remote).
+PSEUDO_FS = frozenset(
+    {
+        "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs",
+        "pstore", "bpf", "mqueue", "hugetlbfs", "configfs", "fusectl", "binfmt_misc", "autofs", "efivarfs",
+        "rpc_pipefs", "nsfs", "selinuxfs", "ramfs", "nfsd", "fuse.gvfsd-fuse", "fuse.portal",
+        # remote filesystems are not "local fixed" ones
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph", "glusterfs",
+    }
+)
+PSEUDO_ROOT_DIRS = ("/proc", "/sys", "/dev", "/run")
+
+
+def machine_identity() -> str:
+    """The raw stable machine identity (Linux /etc/machine-id, Windows MachineGuid)."""
+    if IS_WINDOWS:
+        import winreg  # type: ignore[import-not-found]
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SOFTWARE\Microsoft\Cryptography") as key:
+            return str(winreg.QueryValueEx(key, "MachineGuid")[0])
+    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(candidate).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    # no machine id (minimal container): fall back to the host name, stable enough to group rows
+    return "hostname:" + socket.gethostname()
+
+
+def device_id_from(identity: str) -> str:
+    return hashlib.sha1(identity.encode("utf-8")).hexdigest()
+
+
+def default_device_name() -> str:
+    return socket.getfqdn().lower()
+
+
+def default_state_dir() -> Path:
+    if IS_WINDOWS:
+        base = os.environ.get("PROGRAMDATA", r"C:\ProgramData")
+        return Path(base) / "rmmhunt"
+    if os.geteuid() == 0:
+        return Path("/var/lib/rmmhunt")
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "rmmhunt"
+
+
+def _unescape_mount(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def linux_mounts(mountinfo: str | None = None) -> list[tuple[str, str]]:
+    """(mount point, fs type) from /proc/self/mountinfo."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return []
+    mounts = []
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) >= 5 and rfields:
+            mounts.append((_unescape_mount(fields[4]), rfields[0]))
+    return mounts
+
+
+def skipped_mount_points(mounts: list[tuple[str, str]]) -> frozenset[str]:
+    return frozenset(point for point, fstype in mounts if fstype in PSEUDO_FS) | frozenset(PSEUDO_ROOT_DIRS)
+
+
+def default_roots() -> tuple[list[str], frozenset[str]]:
+    """(roots to scan, directories never to enter)."""
+    if IS_WINDOWS:
+        import ctypes
+
+        roots = []
+        bitmask = ctypes.windll.kernel32.GetLogicalDrives()  # type: ignore[attr-defined]
+        for i in range(26):
+            if bitmask & (1 << i):
+                drive = f"{chr(65 + i)}:\\"
+                if ctypes.windll.kernel32.GetDriveTypeW(drive) == 3:  # type: ignore[attr-defined]  # DRIVE_FIXED
+                    roots.append(drive)
+        return roots, frozenset()
+    return ["/"], skipped_mount_points(linux_mounts())
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open a path for reading without ever blocking on a FIFO or device and without
+    following a final symlink. Returns (fd, fstat). Raises IsADirectoryError-like
+    ``SpecialFile`` for anything that is not a regular file (the fd is closed)."""
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        if not getattr(os, "O_NOATIME", 0):
+            raise
+        # O_NOATIME is refused on files we do not own unless we are privileged
+        fd = os.open(path, flags & ~os.O_NOATIME)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SpecialFile(special_kind(st.st_mode))
+    return fd, st
+
+
+class SpecialFile(Exception):
+    """Not a regular file (FIFO, socket, device): never read."""
+
+
+def special_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def lower_priority() -> None:
+    """Run the agent at low CPU and I/O priority."""
+    try:
+        import psutil
+
+        proc = psutil.Process()
+        if IS_WINDOWS:
+            proc.nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+        else:
+            proc.nice(min(19, proc.nice() + 10))
+            if hasattr(proc, "ionice"):
+                proc.ionice(psutil.IOPRIO_CLASS_IDLE)
+    except Exception as exc:  # priority is best effort: never fatal
+        log.debug("could not lower priority: %s", exc)

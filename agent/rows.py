@@ -1,0 +1,100 @@
+"""Certificate rows from file facts: pure, one row per distinct signer certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ntpath
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.extract.authenticode import FileFacts
+from agent.schema import COLUMN_NAMES
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str  # 40 lowercase hex
+    device_name: str  # lowercase FQDN
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    pid: int
+    name: str
+    user: str
+    parent_name: str
+
+
+def file_name_of(path: str) -> str:
+    """Basename for POSIX and Windows paths alike (a sweep of a Windows disk runs on Linux)."""
+    return ntpath.basename(path) if "\\" in path and "/" not in path else posixpath.basename(path)
+
+
+def build_rows(
+    facts: FileFacts,
+    path: str,
+    device: Device,
+    timestamp: dt.datetime,
+    source: str,
+    process: ProcessContext | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for one observation. ReportId is left None: the store allocates it."""
+    rows = []
+    for sig in facts.signatures:
+        cert = sig.signer
+        row: dict[str, Any] = {
+            "Timestamp": timestamp,
+            "DeviceId": device.device_id,
+            "DeviceName": device.device_name,
+            "SHA1": facts.sha1,
+            "IsSigned": True,
+            "SignatureType": sig.signature_type,
+            "Signer": cert.display_name,
+            "SignerHash": cert.sha1,
+            "Issuer": cert.issuer_display_name,
+            "IssuerHash": sig.issuer_hash,
+            "CertificateSerialNumber": cert.serial_number,
+            "CrlDistributionPointUrls": json.dumps(list(cert.crl_urls)),
+            "CertificateCreationTime": cert.not_before,
+            "CertificateExpirationTime": cert.not_after,
+            "CertificateCountersignatureTime": sig.countersignature_time,
+            "IsTrusted": sig.is_trusted,
+            "IsRootSignerMicrosoft": sig.is_root_microsoft,
+            "ReportId": None,
+            "FolderPath": path,
+            "FileName": file_name_of(path),
+            "FileSize": facts.size,
+            "SHA256": facts.sha256,
+            "SignerSubject": cert.subject,
+            "IssuerSubject": cert.issuer,
+            "ProgramName": sig.program_name,
+            "DigestValid": sig.digest_valid,
+            "VerificationStatus": sig.verification_status,
+            "SignatureIndex": sig.index,
+            "Source": source,
+            "ProcessId": process.pid if process else None,
+            "ProcessName": process.name if process else None,
+            "ProcessUser": process.user if process else None,
+            "ParentProcessName": process.parent_name if process else None,
+            "Excluded": False,
+            "ExclusionId": None,
+        }
+        rows.append(row)
+    return rows
+
+
+def to_jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Row with datetimes as ISO 8601 UTC strings, in schema column order."""
+    out: dict[str, Any] = {}
+    for name in COLUMN_NAMES:
+        value = row.get(name)
+        if isinstance(value, dt.datetime):
+            value = value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        out[name] = value
+    for name, value in row.items():  # extra keys such as RuleId/RuleName/Evidence
+        if name not in out:
+            out[name] = value.isoformat() if isinstance(value, dt.datetime) else value
+    return out

@@ -1,0 +1,827 @@
+"""Parser and type checker for the KQL subset: query text -> a typed AST. Pure.
+
+Every construct outside the subset raises KqlError at the token that starts it, so a rule never
+loads with a part of its query silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from agent.rules.kql_lexer import DATETIME, EOF, IDENT, NUMBER, PUNCT, STRING, TIMESPAN, KqlError, Token, tokenize
+from agent.rules.terms import term_key
+from agent.schema import COLUMN_TYPES, TABLE
+
+__all__ = [
+    "Expr",
+    "Const",
+    "Column",
+    "Now",
+    "Ago",
+    "Arith",
+    "Neg",
+    "Not",
+    "And",
+    "Or",
+    "Compare",
+    "EmptyTest",
+    "WhereStage",
+    "ExtendStage",
+    "ProjectStage",
+    "Aggregate",
+    "SummarizeStage",
+    "Stage",
+    "ParsedQuery",
+    "parse_kql",
+    "NUMERIC",
+    "STRING_OPS",
+    "LIST_OPS",
+    "EQUALITY_OPS",
+    "ORDER_OPS",
+    "RANGE_OPS",
+]
+
+NUMERIC = frozenset({"long", "int", "real"})
+ORDERED = NUMERIC | {"datetime", "timespan", "string"}
+
+# word operators whose right side is one string
+STRING_OPS = frozenset(
+    {"has", "!has", "contains", "!contains", "startswith", "!startswith", "endswith", "!endswith", "=~", "!~"}
+)
+LIST_OPS = frozenset({"in", "!in", "in~", "!in~", "has_any", "has_all"})
+EQUALITY_OPS = frozenset({"==", "!="})
+ORDER_OPS = frozenset({"<", "<=", ">", ">="})
+RANGE_OPS = frozenset({"between", "!between"})
+_TERM_OPS = frozenset({"has", "!has", "has_any", "has_all"})
+_CASELESS_LIST_OPS = frozenset({"in~", "!in~", "has_any", "has_all"})
+
+AGGREGATES: dict[str, str] = {"count": "count_", "min": "min_", "max": "max_", "dcount": "dcount_", "make_set": "set_"}
+_SCALAR_FUNCTIONS = frozenset({"now", "ago", "not", "isempty", "isnotempty", "isnull", "isnotnull", "dynamic"})
+_BOOL_WORDS = {"true": True, "false": False, "True": True, "False": False, "TRUE": True, "FALSE": False}
+_KEYWORDS = frozenset({"and", "or", "by", "let", "not"})
+_STAGES = frozenset({"where", "filter", "extend", "project", "summarize"})
+
+
+# --- AST -------------------------------------------------------------------------------------------------
+# Every expression node carries its KQL type, its source text and the position of its first token.
+
+
+@dataclass(frozen=True)
+class Expr:
+    type: str
+    text: str
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class Const(Expr):
+    value: Any  # str, int, float, bool, datetime, timedelta, None, or a tuple for `dynamic([...])`
+
+
+@dataclass(frozen=True)
+class Column(Expr):
+    name: str
+
+
+@dataclass(frozen=True)
+class Now(Expr):
+    offset: Expr | None
+
+
+@dataclass(frozen=True)
+class Ago(Expr):
+    span: Expr
+
+
+@dataclass(frozen=True)
+class Arith(Expr):
+    op: str  # "+" or "-"
+    left: Expr
+    right: Expr
+
+
+@dataclass(frozen=True)
+class Neg(Expr):
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Not(Expr):
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class And(Expr):
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Or(Expr):
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Compare(Expr):
+    op: str
+    left: Expr
+    args: tuple[Expr, ...]  # (rhs,) ; the constant list for in/has_any/... ; (low, high) for between
+
+
+@dataclass(frozen=True)
+class EmptyTest(Expr):
+    func: str  # isempty, isnotempty, isnull, isnotnull
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class WhereStage:
+    predicate: Expr
+
+
+@dataclass(frozen=True)
+class ExtendStage:
+    assignments: tuple[tuple[str, Expr], ...]
+
+
+@dataclass(frozen=True)
+class ProjectStage:
+    assignments: tuple[tuple[str, Expr], ...]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    name: str
+    func: str  # count, min, max, dcount, make_set
+    arg: Expr | None
+    max_size: int | None  # make_set's optional limit
+
+
+@dataclass(frozen=True)
+class SummarizeStage:
+    aggregates: tuple[Aggregate, ...]
+    by: tuple[tuple[str, Expr], ...]
+
+
+Stage = WhereStage | ExtendStage | ProjectStage | SummarizeStage
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    text: str
+    stages: tuple[Stage, ...]
+    output_columns: tuple[tuple[str, str], ...]  # (name, type) after the last stage
+    columns_used: frozenset[str]  # table columns the query reads
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def walk(expr: Expr) -> list[Expr]:
+    """`expr` and all its sub-expressions, depth first."""
+    out: list[Expr] = [expr]
+    children: tuple[Expr, ...] = ()
+    if isinstance(expr, Now):
+        children = (expr.offset,) if expr.offset is not None else ()
+    elif isinstance(expr, Ago):
+        children = (expr.span,)
+    elif isinstance(expr, Arith):
+        children = (expr.left, expr.right)
+    elif isinstance(expr, Neg | Not | EmptyTest):
+        children = (expr.operand,)
+    elif isinstance(expr, And | Or):
+        children = expr.items
+    elif isinstance(expr, Compare):
+        children = (expr.left, *expr.args)
+    for child in children:
+        out.extend(walk(child))
+    return out
+
+
+def is_row_independent(expr: Expr) -> bool:
+    return not any(isinstance(node, Column) for node in walk(expr))
+
+
+def _family(kql_type: str) -> str:
+    return "number" if kql_type in NUMERIC else kql_type
+
+
+def _comparable(left: str, right: str) -> bool:
+    if _family(left) == _family(right):
+        return True
+    # Sentinel writes `IsTrusted == 1`: a bool compares with a number as 0/1.
+    return {_family(left), _family(right)} == {"bool", "number"}
+
+
+@dataclass
+class _ColumnInfo:
+    type: str
+    base: bool  # True while the name still reads the table column directly
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = tokenize(text)
+        self.index = 0
+        self.scalar_lets: dict[str, Expr] = {}
+        self.tabular_lets: dict[str, tuple[tuple[Stage, ...], dict[str, _ColumnInfo]]] = {}
+        self.columns_used: set[str] = set()
+        self.auto_names = 0
+
+    # token access
+    def peek(self, ahead: int = 0) -> Token:
+        return self.tokens[min(self.index + ahead, len(self.tokens) - 1)]
+
+    def advance(self) -> Token:
+        token = self.tokens[self.index]
+        if token.kind != EOF:
+            self.index += 1
+        return token
+
+    def prev_end(self) -> int:
+        return self.tokens[self.index - 1].end if self.index else 0
+
+    def error(self, token: Token, message: str) -> KqlError:
+        return KqlError(token.line, token.column, message)
+
+    def at_punct(self, value: str) -> bool:
+        token = self.peek()
+        return token.kind == PUNCT and token.value == value
+
+    def at_word(self, value: str) -> bool:
+        token = self.peek()
+        return token.kind == IDENT and token.value == value
+
+    def expect_punct(self, value: str, context: str) -> Token:
+        token = self.peek()
+        if token.kind == PUNCT and token.value == value:
+            return self.advance()
+        raise self.error(token, f"expected '{value}' {context}, found {describe(token)}")
+
+    def expect_ident(self, context: str) -> Token:
+        token = self.peek()
+        if token.kind == IDENT and not token.value.startswith("!") and token.value not in _KEYWORDS:
+            return self.advance()
+        raise self.error(token, f"expected a name {context}, found {describe(token)}")
+
+    def source(self, start: Token) -> str:
+        return self.text[start.offset : self.prev_end()]
+
+    # --- statements ---------------------------------------------------------------------------------
+
+    def parse(self) -> ParsedQuery:
+        final: tuple[tuple[Stage, ...], dict[str, _ColumnInfo]] | None = None
+        while self.peek().kind != EOF:
+            if self.at_punct(";"):
+                self.advance()
+                continue
+            token = self.peek()
+            if final is not None:
+                raise self.error(token, f"only one tabular expression is supported; unexpected {describe(token)}")
+            if self.at_word("let"):
+                self.parse_let()
+                if self.peek().kind != EOF:
+                    self.expect_punct(";", "after a let statement")
+                continue
+            final = self.parse_tabular()
+            token = self.peek()
+            if token.kind != EOF and not self.at_punct(";"):
+                raise self.error(token, f"unexpected {describe(token)}")
+        if final is None:
+            raise self.error(self.peek(), f"query has no tabular expression (expected '{TABLE} | ...')")
+        stages, schema = final
+        return ParsedQuery(
+            text=self.text,
+            stages=stages,
+            output_columns=tuple((name, info.type) for name, info in schema.items()),
+            columns_used=frozenset(self.columns_used),
+        )
+
+    def parse_let(self) -> None:
+        self.advance()  # let
+        name_token = self.expect_ident("after 'let'")
+        name = name_token.value
+        if name == TABLE or name in COLUMN_TYPES:
+            raise self.error(name_token, f"let name '{name}' hides a table or column")
+        self.expect_punct("=", f"after 'let {name}'")
+        token = self.peek()
+        if token.kind == IDENT and (token.value == TABLE or token.value in self.tabular_lets):
+            self.tabular_lets[name] = self.parse_tabular()
+            self.scalar_lets.pop(name, None)
+            return
+        if self.at_punct("(") and (
+            self.peek(1).kind == PUNCT and self.peek(1).value == ")" or self.peek(2).kind == PUNCT and self.peek(2).value == ":"
+        ):
+            raise self.error(token, "unsupported construct: user-defined function in let")
+        if token.kind == IDENT and token.value not in self.scalar_lets and token.value not in _SCALAR_FUNCTIONS:
+            following = self.peek(1)
+            if not (following.kind == PUNCT and following.value == "(") and token.value not in _BOOL_WORDS:
+                raise self.error(token, f"unknown table '{token.value}'; only {TABLE} is supported")
+        expr = self.parse_expr({})
+        if not is_row_independent(expr):  # pragma: no cover - an empty scope has no columns
+            raise self.error(token, "a let value cannot read columns")
+        self.scalar_lets[name] = expr
+        self.tabular_lets.pop(name, None)
+
+    # --- tabular expressions --------------------------------------------------------------------------
+
+    def parse_tabular(self) -> tuple[tuple[Stage, ...], dict[str, _ColumnInfo]]:
+        token = self.peek()
+        stages: list[Stage] = []
+        if token.kind == IDENT and token.value == TABLE:
+            self.advance()
+            schema = {name: _ColumnInfo(kql_type, True) for name, kql_type in COLUMN_TYPES.items()}
+        elif token.kind == IDENT and token.value in self.tabular_lets:
+            self.advance()
+            let_stages, let_schema = self.tabular_lets[token.value]
+            stages.extend(let_stages)
+            schema = {name: _ColumnInfo(info.type, info.base) for name, info in let_schema.items()}
+        elif token.kind == IDENT and token.value in self.scalar_lets:
+            raise self.error(token, f"'{token.value}' is a scalar, not a table")
+        elif token.kind == IDENT and not token.value.startswith("!") and token.value not in _KEYWORDS:
+            following = self.peek(1)
+            if following.kind == PUNCT and following.value in ("(", "|") or following.kind == EOF:
+                if following.kind == PUNCT and following.value == "(":
+                    raise self.error(token, f"unsupported tabular expression '{token.value}(...)'")
+            raise self.error(token, f"unknown table '{token.value}'; only {TABLE} is supported")
+        else:
+            raise self.error(token, f"expected the table {TABLE}, found {describe(token)}")
+        while self.at_punct("|"):
+            self.advance()
+            stages.append(self.parse_stage(schema))
+        return tuple(stages), schema
+
+    def operator_name(self) -> tuple[Token, str]:
+        token = self.peek()
+        if token.kind != IDENT:
+            raise self.error(token, f"expected an operator after '|', found {describe(token)}")
+        self.advance()
+        name = token.value
+        # hyphenated operator names: project-away, mv-expand, make-series ...
+        while (
+            self.at_punct("-")
+            and self.peek().offset == self.prev_end()
+            and self.peek(1).kind == IDENT
+            and self.peek(1).offset == self.peek().end
+        ):
+            self.advance()
+            name += "-" + self.advance().value
+        return token, name
+
+    def parse_stage(self, schema: dict[str, _ColumnInfo]) -> Stage:
+        token, name = self.operator_name()
+        if name not in _STAGES:
+            raise self.error(token, f"unsupported operator '{name}'")
+        if name in ("where", "filter"):
+            predicate = self.parse_expr(schema)
+            if predicate.type != "bool":
+                raise KqlError(predicate.line, predicate.column, f"where needs a bool predicate, got {predicate.type}")
+            return WhereStage(predicate)
+        if name == "extend":
+            assignments = self.parse_assignments(schema, "extend", sequential=True)
+            for column, expr in assignments:
+                schema[column] = _ColumnInfo(expr.type, False)
+            return ExtendStage(assignments)
+        if name == "project":
+            assignments = self.parse_assignments(schema, "project", sequential=False)
+            schema.clear()
+            for column, expr in assignments:
+                schema[column] = _ColumnInfo(expr.type, False)
+            return ProjectStage(assignments)
+        return self.parse_summarize(schema)
+
+    def parse_assignments(
+        self, schema: dict[str, _ColumnInfo], operator: str, *, sequential: bool
+    ) -> tuple[tuple[str, Expr], ...]:
+        scope = dict(schema)
+        assignments: list[tuple[str, Expr]] = []
+        seen: set[str] = set()
+        while True:
+            start = self.peek()
+            name = self.assignment_name()
+            expr = self.parse_expr(scope)
+            if name is None:
+                name = expr.name if isinstance(expr, Column) else self.auto_name()
+            if name in seen:
+                raise self.error(start, f"duplicate column name '{name}' in {operator}")
+            seen.add(name)
+            assignments.append((name, expr))
+            if sequential:  # `extend a = 1, b = a` sees `a`
+                scope[name] = _ColumnInfo(expr.type, False)
+            if not self.at_punct(","):
+                break
+            self.advance()
+        return tuple(assignments)
+
+    def assignment_name(self) -> str | None:
+        token = self.peek()
+        following = self.peek(1)
+        if token.kind == IDENT and following.kind == PUNCT and following.value == "=":
+            if token.value.startswith("!") or token.value in _KEYWORDS:
+                raise self.error(token, f"invalid column name '{token.value}'")
+            self.advance()
+            self.advance()
+            return str(token.value)
+        return None
+
+    def auto_name(self) -> str:
+        self.auto_names += 1
+        return f"Column{self.auto_names}"
+
+    def parse_summarize(self, schema: dict[str, _ColumnInfo]) -> SummarizeStage:
+        aggregates: list[Aggregate] = []
+        names: list[tuple[str, Token]] = []
+        if not self.at_word("by"):
+            while True:
+                start = self.peek()
+                aggregate = self.parse_aggregate(schema)
+                aggregates.append(aggregate)
+                names.append((aggregate.name, start))
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        by: list[tuple[str, Expr]] = []
+        by_names: list[tuple[str, Token]] = []
+        if self.at_word("by"):
+            self.advance()
+            while True:
+                start = self.peek()
+                name = self.assignment_name()
+                expr = self.parse_expr(schema)
+                if expr.type == "dynamic":
+                    raise KqlError(expr.line, expr.column, "cannot group by a dynamic value")
+                if name is None:
+                    name = expr.name if isinstance(expr, Column) else self.auto_name()
+                by.append((name, expr))
+                by_names.append((name, start))
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        if not aggregates and not by:
+            raise self.error(self.peek(), "summarize needs an aggregate or a by clause")
+        seen: set[str] = set()
+        for name, token in by_names + names:
+            if name in seen:
+                raise self.error(token, f"duplicate column name '{name}' in summarize")
+            seen.add(name)
+        schema.clear()
+        for name, expr in by:
+            schema[name] = _ColumnInfo(expr.type, False)
+        for aggregate in aggregates:
+            schema[aggregate.name] = _ColumnInfo(_aggregate_type(aggregate), False)
+        return SummarizeStage(tuple(aggregates), tuple(by))
+
+    def parse_aggregate(self, schema: dict[str, _ColumnInfo]) -> Aggregate:
+        name = self.assignment_name()
+        token = self.peek()
+        following = self.peek(1)
+        if token.kind != IDENT or not (following.kind == PUNCT and following.value == "("):
+            raise self.error(token, f"expected an aggregate function such as count(), found {describe(token)}")
+        func = token.value
+        if func not in AGGREGATES:
+            raise self.error(token, f"unsupported aggregate function '{func}'")
+        self.advance()
+        self.advance()  # (
+        args: list[Expr] = []
+        if not self.at_punct(")"):
+            while True:
+                args.append(self.parse_expr(schema))
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        self.expect_punct(")", f"to close {func}(")
+        arg: Expr | None = None
+        max_size: int | None = None
+        if func == "count":
+            if args:
+                raise KqlError(args[0].line, args[0].column, "count() takes no arguments")
+        else:
+            limit = 2 if func in ("dcount", "make_set") else 1
+            if not args or len(args) > limit:
+                raise self.error(token, f"{func}() takes {'1 or 2 arguments' if limit == 2 else '1 argument'}")
+            arg = args[0]
+            if arg.type == "dynamic":
+                raise KqlError(arg.line, arg.column, f"{func}() of a dynamic value is not supported")
+            if len(args) == 2:
+                extra = args[1]
+                if not (isinstance(extra, Const) and isinstance(extra.value, int) and extra.type in NUMERIC):
+                    raise KqlError(extra.line, extra.column, f"the second argument of {func}() must be an integer")
+                if func == "make_set":
+                    if extra.value < 1:
+                        raise KqlError(extra.line, extra.column, "make_set() size limit must be positive")
+                    max_size = extra.value
+        if name is None:
+            suffix = arg.name if isinstance(arg, Column) else ""
+            name = AGGREGATES[func] + suffix
+        return Aggregate(name, func, arg, max_size)
+
+    # --- scalar expressions ---------------------------------------------------------------------------
+
+    def parse_expr(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        return self.parse_or(scope)
+
+    def logical(
+        self, scope: Mapping[str, _ColumnInfo], word: str, sub: Callable[[Mapping[str, _ColumnInfo]], Expr]
+    ) -> Expr:
+        start = self.peek()
+        items = [sub(scope)]
+        while self.at_word(word):
+            operator = self.advance()
+            items.append(sub(scope))
+            for item in items:
+                if item.type != "bool":
+                    raise KqlError(item.line, item.column, f"'{operator.value}' needs bool operands, got {item.type}")
+        if len(items) == 1:
+            return items[0]
+        node_type = And if word == "and" else Or
+        return node_type("bool", self.source(start), start.line, start.column, tuple(items))
+
+    def parse_or(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        return self.logical(scope, "or", self.parse_and)
+
+    def parse_and(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        return self.logical(scope, "and", self.parse_predicate)
+
+    def parse_predicate(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        start = self.peek()
+        left = self.parse_additive(scope)
+        token = self.peek()
+        op: str | None = None
+        if token.kind == PUNCT and token.value in ("==", "!=", "=~", "!~", "<", "<=", ">", ">="):
+            op = token.value
+        elif token.kind == PUNCT and token.value == "<>":
+            raise self.error(token, "unsupported operator '<>' (use '!=')")
+        elif token.kind == PUNCT and token.value == "=":
+            raise self.error(token, "unexpected '=' (use '==' to compare)")
+        elif token.kind == IDENT:
+            if token.value in ("and", "or", "by"):
+                return left
+            if token.value in STRING_OPS | LIST_OPS | RANGE_OPS:
+                op = token.value
+            else:
+                raise self.error(token, f"unsupported operator '{token.value}'")
+        if op is None:
+            return left
+        self.advance()
+        if op in LIST_OPS:
+            args = self.parse_list(scope, op, token)
+        elif op in RANGE_OPS:
+            args = self.parse_range(scope, op)
+        else:
+            args = (self.parse_additive(scope),)
+        self.check_compare(op, left, args, token)
+        return Compare("bool", self.source(start), start.line, start.column, op, left, args)
+
+    def parse_list(self, scope: Mapping[str, _ColumnInfo], op: str, op_token: Token) -> tuple[Expr, ...]:
+        self.expect_punct("(", f"after '{op}'")
+        items: list[Expr] = []
+        if not self.at_punct(")"):
+            while True:
+                item = self.parse_additive(scope)
+                if not isinstance(item, Const):
+                    raise KqlError(item.line, item.column, f"the list of '{op}' must hold constants")
+                if item.type == "dynamic":
+                    for value in item.value:
+                        items.append(Const(_type_of(value), repr(value), item.line, item.column, value))
+                else:
+                    items.append(item)
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        self.expect_punct(")", f"to close the list of '{op}'")
+        if not items:
+            raise self.error(op_token, f"empty list after '{op}'")
+        return tuple(items)
+
+    def parse_range(self, scope: Mapping[str, _ColumnInfo], op: str) -> tuple[Expr, ...]:
+        self.expect_punct("(", f"after '{op}'")
+        low = self.parse_additive(scope)
+        self.expect_punct("..", f"between the bounds of '{op}'")
+        high = self.parse_additive(scope)
+        self.expect_punct(")", f"to close '{op}'")
+        return (low, high)
+
+    def check_compare(self, op: str, left: Expr, args: tuple[Expr, ...], token: Token) -> None:
+        def fail(node: Expr | Token, message: str) -> KqlError:
+            return KqlError(node.line, node.column, message)
+
+        if left.type == "dynamic":
+            raise fail(left, f"operator '{op}' on a dynamic value is not supported")
+        if op in STRING_OPS or op in _CASELESS_LIST_OPS:
+            if left.type != "string":
+                raise fail(left, f"operator '{op}' needs a string on the left, got {left.type}")
+            for arg in args:
+                if arg.type != "string":
+                    raise fail(arg, f"operator '{op}' needs string patterns, got {arg.type}")
+        elif op in RANGE_OPS:
+            if _family(left.type) not in ("number", "datetime", "timespan"):
+                raise fail(left, f"operator '{op}' needs a number, datetime or timespan, got {left.type}")
+            low, high = args
+            if not _comparable(left.type, low.type) or _family(low.type) == "bool":
+                raise fail(low, f"cannot compare {left.type} with {low.type} in '{op}'")
+            if not (_family(high.type) == _family(left.type) or (left.type == "datetime" and high.type == "timespan")):
+                raise fail(high, f"cannot compare {left.type} with {high.type} in '{op}'")
+        elif op in ORDER_OPS:
+            if left.type not in ORDERED:
+                raise fail(left, f"operator '{op}' cannot order {left.type} values")
+            if _family(args[0].type) != _family(left.type):
+                raise fail(args[0], f"cannot compare {left.type} with {args[0].type}")
+        else:  # == != in !in
+            for arg in args:
+                if not _comparable(left.type, arg.type):
+                    raise fail(arg, f"cannot compare {left.type} with {arg.type}")
+        if op in _TERM_OPS:
+            for arg in args:
+                if isinstance(arg, Const) and isinstance(arg.value, str) and not term_key(arg.value):
+                    raise fail(arg, f"pattern {arg.value!r} has no letters or digits, so '{op}' can never match it")
+
+    def parse_additive(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        start = self.peek()
+        left = self.parse_unary(scope)
+        while self.at_punct("+") or self.at_punct("-"):
+            operator = self.advance()
+            right = self.parse_unary(scope)
+            result_type = _arith_type(operator.value, left.type, right.type)
+            if result_type is None:
+                raise self.error(operator, f"cannot apply '{operator.value}' to {left.type} and {right.type}")
+            node: Expr = Arith(result_type, self.source(start), start.line, start.column, operator.value, left, right)
+            left = _fold(node)
+        return left
+
+    def parse_unary(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        token = self.peek()
+        if token.kind == PUNCT and token.value == "-":
+            self.advance()
+            operand = self.parse_unary(scope)
+            if _family(operand.type) not in ("number", "timespan"):
+                raise self.error(token, f"cannot negate a {operand.type}")
+            return _fold(Neg(operand.type, self.source(token), token.line, token.column, operand))
+        return self.parse_primary(scope)
+
+    def parse_primary(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        token = self.peek()
+        if token.kind in (STRING, NUMBER, TIMESPAN, DATETIME):
+            self.advance()
+            kql_type = {STRING: "string", TIMESPAN: "timespan", DATETIME: "datetime"}.get(token.kind)
+            if kql_type is None:
+                kql_type = "real" if isinstance(token.value, float) else "long"
+            return Const(kql_type, token.text, token.line, token.column, token.value)
+        if token.kind == PUNCT and token.value == "(":
+            self.advance()
+            inner = self.parse_expr(scope)
+            self.expect_punct(")", "to close '('")
+            return inner
+        if token.kind == IDENT:
+            following = self.peek(1)
+            if following.kind == PUNCT and following.value == "(":
+                return self.parse_call(scope)
+            name = token.value
+            if name in _BOOL_WORDS:
+                self.advance()
+                return Const("bool", token.text, token.line, token.column, _BOOL_WORDS[name])
+            if name in scope:
+                self.advance()
+                info = scope[name]
+                if info.base:
+                    self.columns_used.add(name)
+                return Column(info.type, name, token.line, token.column, name)
+            if name in self.scalar_lets:
+                self.advance()
+                return self.scalar_lets[name]
+            if name in self.tabular_lets or name == TABLE:
+                raise self.error(token, f"'{name}' is a table, not a scalar")
+            if name.startswith("!") or name in _KEYWORDS:
+                raise self.error(token, f"unexpected '{name}'")
+            raise self.error(token, f"unknown column '{name}'")
+        raise self.error(token, f"unexpected {describe(token)}")
+
+    def parse_call(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
+        name_token = self.advance()
+        name = name_token.value
+        if name in AGGREGATES:
+            raise self.error(name_token, f"aggregate function '{name}' is only allowed in summarize")
+        if name not in _SCALAR_FUNCTIONS:
+            raise self.error(name_token, f"unsupported function '{name}'")
+        self.advance()  # (
+        if name == "dynamic":
+            return self.parse_dynamic(name_token)
+        args: list[Expr] = []
+        if not self.at_punct(")"):
+            while True:
+                args.append(self.parse_expr(scope))
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        self.expect_punct(")", f"to close {name}(")
+        text = self.source(name_token)
+        line, column = name_token.line, name_token.column
+
+        def arity(low: int, high: int) -> None:
+            if not low <= len(args) <= high:
+                count = str(low) if low == high else f"{low} to {high}"
+                raise self.error(name_token, f"{name}() takes {count} argument{'s' if high != 1 else ''}")
+
+        if name == "now":
+            arity(0, 1)
+            offset = args[0] if args else None
+            if offset is not None and (offset.type != "timespan" or not is_row_independent(offset)):
+                raise KqlError(offset.line, offset.column, "now() takes a constant timespan offset")
+            return Now("datetime", text, line, column, offset)
+        if name == "ago":
+            arity(1, 1)
+            if args[0].type != "timespan" or not is_row_independent(args[0]):
+                raise KqlError(args[0].line, args[0].column, "ago() takes a constant timespan")
+            return Ago("datetime", text, line, column, args[0])
+        if name == "not":
+            arity(1, 1)
+            if args[0].type != "bool":
+                raise KqlError(args[0].line, args[0].column, f"not() needs a bool, got {args[0].type}")
+            return Not("bool", text, line, column, args[0])
+        arity(1, 1)  # isempty, isnotempty, isnull, isnotnull
+        return EmptyTest("bool", text, line, column, name, args[0])
+
+    def parse_dynamic(self, name_token: Token) -> Expr:
+        self.expect_punct("[", "in dynamic(...): only arrays of constants are supported")
+        values: list[Any] = []
+        if not self.at_punct("]"):
+            while True:
+                item = self.parse_unary({})
+                if not isinstance(item, Const) or item.type == "dynamic":
+                    raise KqlError(item.line, item.column, "dynamic([...]) may only hold scalar constants")
+                values.append(item.value)
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        self.expect_punct("]", "to close the dynamic array")
+        self.expect_punct(")", "to close dynamic(")
+        return Const("dynamic", self.source(name_token), name_token.line, name_token.column, tuple(values))
+
+
+def _type_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "long"
+    if isinstance(value, float):
+        return "real"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, datetime):
+        return "datetime"
+    if isinstance(value, timedelta):
+        return "timespan"
+    return "dynamic"
+
+
+def _arith_type(op: str, left: str, right: str) -> str | None:
+    lf, rf = _family(left), _family(right)
+    if lf == "number" and rf == "number":
+        return "real" if "real" in (left, right) else "long"
+    if lf == "timespan" and rf == "timespan":
+        return "timespan"
+    if lf == "datetime" and rf == "timespan":
+        return "datetime"
+    if op == "+" and lf == "timespan" and rf == "datetime":
+        return "datetime"
+    if op == "-" and lf == "datetime" and rf == "datetime":
+        return "timespan"
+    return None
+
+
+def _fold(node: Expr) -> Expr:
+    """Evaluate arithmetic on constants at parse time."""
+    if isinstance(node, Neg) and isinstance(node.operand, Const):
+        value = node.operand.value
+        return Const(node.type, node.text, node.line, node.column, None if value is None else -value)
+    if isinstance(node, Arith) and isinstance(node.left, Const) and isinstance(node.right, Const):
+        left, right = node.left.value, node.right.value
+        if left is None or right is None:
+            return Const(node.type, node.text, node.line, node.column, None)
+        return Const(node.type, node.text, node.line, node.column, left + right if node.op == "+" else left - right)
+    return node
+
+
+def _aggregate_type(aggregate: Aggregate) -> str:
+    if aggregate.func in ("count", "dcount"):
+        return "long"
+    if aggregate.func == "make_set":
+        return "dynamic"
+    assert aggregate.arg is not None
+    return aggregate.arg.type
+
+
+def describe(token: Token) -> str:
+    if token.kind == EOF:
+        return "end of query"
+    if token.kind == STRING:
+        return f"string {token.text}"
+    return f"'{token.text}'"
+
+
+def parse_kql(text: str) -> ParsedQuery:
+    """Parse and type-check query text. Raises KqlError."""
+    return _Parser(text).parse()
