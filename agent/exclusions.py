@@ -661,8 +661,13 @@ class _Parser:
                 token.column,
                 f"expected a quoted string, a number, true or false after '{op_token.text}', found {token.describe()}",
             )
-        expected = {_TEXT: str, _NUMBER: (int, float), _BOOL: bool}[spec.kind]
-        if not isinstance(value, expected) or (spec.kind == _NUMBER and isinstance(value, bool)):
+        if spec.kind == _TEXT:
+            fits = isinstance(value, str)
+        elif spec.kind == _NUMBER:
+            fits = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, bool)
+        if not fits:
             kind = {_TEXT: "text", _NUMBER: "a number", _BOOL: "true or false"}[spec.kind]
             literal = {_TEXT: "a quoted string", _NUMBER: "a number", _BOOL: "true or false"}[spec.kind]
             raise ExclusionError(

@@ -50,7 +50,11 @@ def device_id_from(identity: str) -> str:
 
 
 def default_device_name() -> str:
-    return socket.getfqdn().lower()
+    """Lowercase FQDN; the plain host name when the resolver only knows 'localhost'."""
+    fqdn = socket.getfqdn().lower()
+    if not fqdn or fqdn.startswith("localhost") or fqdn in ("ip6-localhost", "ip6-loopback"):
+        fqdn = socket.gethostname().lower()
+    return fqdn
 
 
 def default_state_dir() -> Path:

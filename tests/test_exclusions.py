@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -205,6 +204,8 @@ def test_case_and_unicode(text: str, data: dict[str, Any], expected: bool) -> No
         'process.name matches ".*"',
         'process.name in ["pulseway.exe"]',
         'process.user == "Administrator"',  # ProcessUser is "" in SCAN_ROW: empty counts as null
+        'process.user matches "^$"',  # ... so even a pattern that matches "" is false
+        'process.user matches ".*"',
         'process.parent.name == "services.exe"',
         'process.executable contains "pulseway"',
         "process.pid == 0",
@@ -411,7 +412,7 @@ def test_unknown_field_messages_list_the_valid_fields(text: str, fragments: list
         ('"a" == file.name', 1, "expected a field name"),
         ('file.name "a"', 11, "expected an operator after 'file.name'"),
         ("file.name", 10, "expected an operator"),  # a text field is not a condition on its own
-        ('file.name !contains "a"', 11, 'write !(file.name contains ...)'),
+        ('file.name !contains "a"', 11, "write !(file.name contains ...)"),
         ('file.name not in ["a"]', 11, "write not(file.name in ...)"),
         ("file.name == msiexec.exe", 14, 'strings must be quoted: write "msiexec.exe"'),
         ("file.name == process.name", 14, "comparing two fields is not supported"),
@@ -447,10 +448,10 @@ def test_bad_regex_is_a_load_error(pattern: str) -> None:
     err = error_of(f'file.name matches "{pattern}"')
     assert err.column == 19
     assert "bad regular expression" in err.message
-    assert re.escape(pattern) or pattern in err.message
+    assert f'bad regular expression "{pattern}": ' in err.message
 
 
-def test_regex_is_case_insensitive_and_compiled_once() -> None:
+def test_regex_is_a_case_insensitive_search() -> None:
     # In the expression a regex's literal backslash is written \\\\ (\\ decodes to one backslash).
     expression = parse_expression(r'file.path matches "\\\\pulseway\\\\[^\\\\]+\.exe$"')
     assert expression.matches({"FolderPath": r"C:\Program Files\PULSEWAY\pcmonitorsrv.exe"})
@@ -584,9 +585,7 @@ def test_parse_exclusions_reports_problems_with_lines() -> None:
 
 def test_parse_exclusions_without_source_text_reports_line_zero() -> None:
     _, problems = parse_exclusions({"exclusions": [{"id": "x", "expression": "bogus == 1"}]})
-    assert problems == (
-        ExclusionProblem("<config>", 0, 1, problems[0].message),
-    )
+    assert problems == (ExclusionProblem("<config>", 0, 1, problems[0].message),)
     assert str(problems[0]).startswith("<config>:0:1: exclusion 'x': unknown field 'bogus'")
 
 

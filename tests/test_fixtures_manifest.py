@@ -303,3 +303,9 @@ def test_truncated_certtable_points_past_eof() -> None:
     data = (FILES / "truncated_certtable.exe").read_bytes()
     offset, size = _security_directory(data)
     assert offset < len(data) < offset + size
+
+
+def test_readme_describes_every_fixture() -> None:
+    readme = (FIXTURES / "README.md").read_text(encoding="utf-8")
+    undocumented = [e["path"] for e in MANIFEST if f"`{Path(e['path']).name}`" not in readme]
+    assert not undocumented, f"add these to tests/fixtures/README.md: {undocumented}"

@@ -1,0 +1,146 @@
+"""The KQL subset that rmmhunt's rules are written in (SPEC section 2). Pure: no I/O.
+
+Supported, over the single table `DeviceFileCertificateInfo` (columns from agent.schema):
+
+- `let NAME = <scalar>;` with `now()`, `now(-5d)`, `ago(5d)`, `datetime(2025-01-01[T10:00:00Z])`,
+  strings ('..', "..", @'..', h'..'), numbers, bools, timespans (`5d`, `12h`, `30m`, `10s`, `1ms`,
+  `10microsecond`, `1tick`, `timespan(1d)`), `dynamic([...])` arrays of constants, `+`/`-` on these;
+  and `let NAME = DeviceFileCertificateInfo | ...;` followed by `NAME | ...` (the markdown queries).
+- Stages `where` (alias `filter`), `extend`, `project`, `summarize` (`count()`, `min`, `max`,
+  `dcount`, `make_set`, named or unnamed as Kusto names them: `count_`, `min_X`, `max_X`,
+  `dcount_X`, `set_X`; optional `by`).
+- Predicates: `and`, `or`, `not(...)`, parentheses; `has`, `!has`, `has_any`, `has_all`,
+  `contains`, `!contains`, `startswith`, `!startswith`, `endswith`, `!endswith`, `==`, `!=`, `=~`,
+  `!~`, `in`, `!in`, `in~`, `!in~`, `between`, `!between`, `<`, `<=`, `>`, `>=`, `isempty()`,
+  `isnotempty()`, `isnull()`, `isnotnull()`, bare bool columns, bool == 0/1.
+- `//` comments anywhere; any line layout.
+
+String semantics are in agent.rules.terms (Unicode-wide case folding, unlike Kusto's ASCII-only).
+`==`, `!=`, `in`, `!in` are case-sensitive; the others are case-insensitive. `dcount` is exact.
+Everything else raises KqlError at parse time with the line and column of the offending token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.rules.kql_eval import Env, Evidence, ValueFn, compile_stages, filter_one, negate_op, run_stages
+from agent.rules.kql_lexer import KqlError
+from agent.rules.kql_parser import (
+    And,
+    Column,
+    Compare,
+    Const,
+    Expr,
+    ExtendStage,
+    Not,
+    Or,
+    ParsedQuery,
+    ProjectStage,
+    SummarizeStage,
+    WhereStage,
+    parse_kql,
+)
+
+__all__ = ["KqlError", "Evidence", "Query", "parse_query"]
+
+
+class Query:
+    """A parsed, type-checked query, ready to run. Immutable apart from a one-entry `now` cache."""
+
+    __slots__ = (
+        "text",
+        "columns_used",
+        "string_patterns",
+        "output_columns",
+        "has_summarize",
+        "_stages",
+        "_row_stages",
+        "_slot_fns",
+        "_env_cache",
+    )
+
+    text: str
+    columns_used: frozenset[str]
+    string_patterns: tuple[tuple[str, str, str], ...]
+    output_columns: tuple[str, ...]
+    has_summarize: bool
+
+    def __init__(self, parsed: ParsedQuery) -> None:
+        self.text = parsed.text
+        self.columns_used = parsed.columns_used
+        self.string_patterns = _string_patterns(parsed)
+        self.output_columns = tuple(name for name, _ in parsed.output_columns)
+        self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
+        stages, slot_fns = compile_stages(parsed.stages)
+        self._stages = stages
+        first_summarize = next((i for i, stage in enumerate(stages) if stage.kind == "summarize"), len(stages))
+        self._row_stages = stages[:first_summarize]
+        self._slot_fns: tuple[ValueFn, ...] = slot_fns
+        self._env_cache: Env | None = None
+
+    def __repr__(self) -> str:
+        return f"Query({self.text!r})"
+
+    def _env(self, now: datetime) -> Env:
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        cached = self._env_cache
+        if cached is not None and cached.now == now:
+            return cached
+        slots: list[Any] = []
+        env = Env(now, slots)
+        for fn in self._slot_fns:  # in dependency order: a slot only reads earlier slots
+            slots.append(fn({}, env))
+        self._env_cache = env
+        return env
+
+    def filter_row(self, row: Mapping[str, Any], *, now: datetime) -> tuple[Evidence, ...] | None:
+        """Run the row-level stages (those before the first summarize) on one row.
+
+        None if the row is filtered out; otherwise the evidence of the leaf predicates that made it
+        pass (empty if the query has no where before its summarize).
+        """
+        return filter_one(self._row_stages, row, self._env(now))
+
+    def run(self, rows: Iterable[Mapping[str, Any]], *, now: datetime) -> list[dict[str, Any]]:
+        """Run the whole pipeline. make_set values are sorted lists."""
+        return run_stages(self._stages, rows, self._env(now))
+
+
+def parse_query(text: str) -> Query:
+    """Parse KQL text into a Query. Raises KqlError (with line and column) for anything unsupported."""
+    return Query(parse_kql(text))
+
+
+def _label(expr: Expr) -> str:
+    return expr.name if isinstance(expr, Column) else expr.text
+
+
+def _string_patterns(parsed: ParsedQuery) -> tuple[tuple[str, str, str], ...]:
+    found: dict[tuple[str, str, str], None] = {}
+
+    def visit(expr: Expr, negated: bool) -> None:
+        if isinstance(expr, Not):
+            visit(expr.operand, not negated)
+        elif isinstance(expr, And | Or):
+            for item in expr.items:
+                visit(item, negated)
+        elif isinstance(expr, Compare):
+            op = negate_op(expr.op) if negated else expr.op
+            for arg in expr.args:
+                if isinstance(arg, Const) and isinstance(arg.value, str):
+                    found[(_label(expr.left), op, arg.value)] = None
+
+    for stage in parsed.stages:
+        if isinstance(stage, WhereStage):
+            visit(stage.predicate, False)
+        elif isinstance(stage, ExtendStage | ProjectStage):
+            for _, expr in stage.assignments:
+                visit(expr, False)
+        elif isinstance(stage, SummarizeStage):
+            for _, expr in stage.by:
+                visit(expr, False)
+    return tuple(found)

@@ -1,0 +1,148 @@
+"""End to end through the console script: real files, real SQLite, real rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.conftest import FIXTURES, ROOT
+
+PULSEWAY = "6192b741-4540-4416-8dbb-ce0405166d0a"
+DWSERVICE = "642b39b7-18eb-46eb-ba1f-bf70befae05e"
+RESULT_KEYS = {"RuleId", "RuleName", "Tool", "DeviceId", "DeviceName", "FirstSeen", "LastSeen", "Report", "Count"}
+
+
+def rmmhunt(*args: str, state, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "agent.cli", *args, "--state-dir", str(state)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_scan_fixtures_reports_pulseway_and_dwservice(tmp_path):
+    out = rmmhunt("scan", str(FIXTURES), "--format", "json", "--rows", state=tmp_path / "s")
+    assert out.returncode == 1, out.stderr
+    payload = json.loads(out.stdout)
+    by_rule = {r["RuleId"]: r for r in payload["results"]}
+    assert {PULSEWAY, DWSERVICE} <= set(by_rule)
+    for rule_id in (PULSEWAY, DWSERVICE):
+        result = by_rule[rule_id]
+        assert RESULT_KEYS <= set(result)
+        assert len(result["DeviceId"]) == 40 and result["DeviceName"]
+        assert result["FirstSeen"] <= result["LastSeen"]
+        assert result["Count"] == len(result["Report"])
+    pulse_files = {os.path.basename(r["FolderPath"]) for r in payload["rows"] if r["RuleId"] == PULSEWAY}
+    # nested signature, MSI, content sniffing, PE32+, tampered copy: all carry the signer
+    assert {"pulseway.exe", "dual_signed.exe", "signed.msi", "content_sniff.dat", "pe64.exe",
+            "flipped_byte.exe"} <= pulse_files
+    assert "nearmiss.exe" not in pulse_files
+    dws_files = {os.path.basename(r["FolderPath"]) for r in payload["rows"] if r["RuleId"] == DWSERVICE}
+    assert {"dwservice.exe", "timestamped.exe"} <= dws_files
+    assert all(r["RuleName"] for r in payload["rows"])
+    statuses = {os.path.basename(e["path"]): e["status"] for e in payload["errors"]}
+    assert statuses["truncated_certtable.exe"] == "PARSE_ERROR"
+    assert payload["summary"]["files"] == sum(payload["summary"]["statuses"].values())
+
+
+def test_a_tree_without_rmm_signers_exits_zero(tmp_path):
+    tree = tmp_path / "clean"
+    tree.mkdir()
+    for name in ("benign.exe", "nearmiss.exe", "unsigned.exe", "text.exe"):
+        shutil.copy(FIXTURES / "files" / name, tree / name)
+    out = rmmhunt("scan", str(tree), state=tmp_path / "s")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(none)" in out.stdout
+
+
+def test_second_scan_reparses_nothing(tmp_path):
+    state = tmp_path / "s"
+    first = rmmhunt("scan", str(FIXTURES), "--format", "json", state=state)
+    second = rmmhunt("scan", str(FIXTURES), "--format", "json", state=state)
+    s1, s2 = json.loads(first.stdout)["summary"], json.loads(second.stdout)["summary"]
+    assert s1["parsed"] == s1["files"] and s1["unchanged"] == 0
+    assert s2["parsed"] == 0 and s2["unchanged"] == s1["files"]
+    assert s2["statuses"] == s1["statuses"]
+    assert second.returncode == 1  # the report is about the stored rows, so the findings remain
+    assert json.loads(second.stdout)["results"] == json.loads(first.stdout)["results"]
+
+
+def test_fifo_in_the_tree_does_not_block_the_scan(tmp_path):
+    tree = tmp_path / "t"
+    tree.mkdir()
+    shutil.copy(FIXTURES / "files" / "pulseway.exe", tree / "p.exe")
+    os.mkfifo(tree / "evil.exe")
+    out = rmmhunt("scan", str(tree), "--format", "json", state=tmp_path / "s", timeout=120)
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)["summary"]
+    assert summary["files"] == 2 and summary["statuses"]["NOT_PE"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "jsonl", "csv"])
+def test_every_format_for_hunt_and_rows(tmp_path, fmt):
+    state = tmp_path / "s"
+    rmmhunt("scan", str(FIXTURES / "files" / "pulseway.exe"), state=state)
+    hunt = rmmhunt("hunt", "--format", fmt, state=state)
+    rows = rmmhunt("rows", "--format", fmt, state=state)
+    assert hunt.returncode == 1 and rows.returncode == 0
+    assert PULSEWAY in hunt.stdout
+    assert "MMSoft Design Ltd." in rows.stdout
+    if fmt == "csv":
+        assert rows.stdout.splitlines()[0].startswith("Timestamp,DeviceId,DeviceName,SHA1,IsSigned")
+    if fmt == "jsonl":
+        assert json.loads(rows.stdout.splitlines()[0])["Signer"] == "MMSoft Design Ltd."
+
+
+def test_hunt_rows_carry_rule_id_and_name(tmp_path):
+    state = tmp_path / "s"
+    rmmhunt("scan", str(FIXTURES / "files"), state=state)
+    out = rmmhunt("hunt", "--rule", DWSERVICE, "--rows", "--format", "jsonl", state=state)
+    assert out.returncode == 1
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert records and all(r["RuleId"] == DWSERVICE and "DWService" in r["RuleName"] for r in records)
+    assert {r["Signer"] for r in records} == {"DWSNET OÜ"}
+
+
+def test_out_file_and_unknown_rule(tmp_path):
+    state = tmp_path / "s"
+    target = tmp_path / "report.csv"
+    out = rmmhunt("scan", str(FIXTURES / "files" / "dwservice.exe"), "--format", "csv", "--out", str(target),
+                  state=state)
+    assert out.returncode == 1 and out.stdout == ""
+    assert DWSERVICE in target.read_text(encoding="utf-8")
+    bad = rmmhunt("hunt", "--rule", "no-such-rule", state=state)
+    assert bad.returncode == 2 and "unknown rule id" in bad.stderr
+
+
+def test_explain_shows_facts_and_why(tmp_path):
+    out = rmmhunt("explain", str(FIXTURES / "files" / "flipped_byte.exe"), state=tmp_path / "s")
+    assert out.returncode == 1
+    assert "DigestValid       False" in out.stdout and "INVALID_DIGEST" in out.stdout
+    assert "FIRES" in out.stdout and "MMSoft Design" in out.stdout
+    near = rmmhunt("explain", str(FIXTURES / "files" / "nearmiss.exe"), "--format", "json", state=tmp_path / "s")
+    assert near.returncode == 0
+    report = json.loads(near.stdout)
+    assert report["status"] == "OK" and not any(r["fires"] for r in report["rules"])
+    pulse = next(r for r in report["rules"] if r["rule_id"] == PULSEWAY)
+    assert "XMMSoft Designer Ltd." in pulse["why"] and "MMSoft Design" in pulse["why"]
+
+
+def test_bad_rule_file_is_named_and_other_rules_keep_working(tmp_path):
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    ref = ROOT.parent / "shared" / "reference" / "sentinel_rules"
+    shutil.copy(ref / "azure-sentinel" / "rmm_Pulseway_filesig.yaml", rules)
+    shutil.copy(ref / "jischell-msft" / "rmm_AnyDesk_filesig.yaml", rules)  # not valid YAML
+    out = rmmhunt("scan", str(FIXTURES / "files" / "pulseway.exe"), "--rules", str(rules), state=tmp_path / "s")
+    assert out.returncode == 1
+    assert "rmm_AnyDesk_filesig.yaml:" in out.stderr and PULSEWAY in out.stdout
+
+
+def test_missing_path_is_an_error(tmp_path):
+    out = rmmhunt("scan", str(tmp_path / "nope"), state=tmp_path / "s")
+    assert out.returncode == 2 and "no such file" in out.stderr
+
+

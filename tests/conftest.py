@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+TEST_ROOT_CA = FIXTURES / "pki" / "root-ca.pem"
+REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+def manifest() -> list[dict]:
+    return json.loads((FIXTURES / "manifest.json").read_text(encoding="utf-8"))
+
+
+def fixture_entry(name: str) -> dict:
+    for entry in manifest():
+        if entry["path"] == f"files/{name}":
+            return entry
+    raise KeyError(name)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Guard: a test must not leave threads running behind it."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    for t in leaked:
+        t.join(timeout=5)
+    still = [t.name for t in leaked if t.is_alive()]
+    assert not still, f"test leaked threads: {still}"
