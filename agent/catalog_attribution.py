@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 REFERENCE_ENV = "RMMHUNT_REFERENCE_DIR"
 DEFAULT_REFERENCE_DIR = Path("/work/shared/reference")
 GENERIC_SIGNERS_FILE = "generic_signers.yaml"
+_YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Generic signers that must never fire a rule, whatever generic_signers.yaml says.
 CORE_GENERIC_SIGNERS: tuple[str, ...] = (
@@ -282,7 +283,7 @@ def load_lolrmm(reference: Path) -> LolrmmCatalog:
         raise FileNotFoundError(f"no LOLRMM YAML files under {root / 'yaml'}")
     yaml_entries = []
     for path in yaml_files:
-        entry = yaml.safe_load(path.read_text(encoding="utf-8"))
+        entry = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
         if isinstance(entry, dict):
             yaml_entries.append((f"yaml/{path.name}", entry))
     api_path = root / "api" / "rmm_certificates.json"
@@ -460,15 +461,28 @@ def evaluate_certificates(
     rules: Sequence[Rule], catalog: LolrmmCatalog, *, now: datetime | None = None
 ) -> tuple[CertificateHits, ...]:
     now = now or datetime.now(UTC)
+    # A row filter only reads the columns its query uses: memoise on those values, and try the file
+    # names only on rules that read FileName (for the others the answer is the signer-only one).
+    used = {rule.id: tuple(sorted(rule.query.columns_used)) for rule in rules}
+    name_rules = [rule for rule in rules if "FileName" in rule.query.columns_used]
+    memo: dict[tuple[Any, ...], bool] = {}
+
+    def fires(rule: Rule, row: Mapping[str, Any]) -> bool:
+        key = (rule.id, *(row.get(column) for column in used[rule.id]))
+        if key not in memo:
+            memo[key] = rule.query.filter_row(row, now=now) is not None
+        return memo[key]
+
     out = []
     for index, cert in enumerate(catalog.certificates, start=1):
-        by_signer = rules_firing(rules, certificate_row(cert, now=now, report_id=index), now)
+        signer_only = certificate_row(cert, now=now, report_id=index)
+        by_signer = tuple(rule.id for rule in rules if fires(rule, signer_only))
         by_name: dict[str, list[str]] = {}
         for file_name in catalog.file_names.get(cert.tool, ()):
             row = certificate_row(cert, now=now, file_name=file_name, report_id=index)
-            for rule_id in rules_firing(rules, row, now):
-                if rule_id not in by_signer:
-                    by_name.setdefault(rule_id, []).append(file_name)
+            for rule in name_rules:
+                if rule.id not in by_signer and fires(rule, row):
+                    by_name.setdefault(rule.id, []).append(file_name)
         out.append(CertificateHits(cert, by_signer, {k: tuple(v) for k, v in by_name.items()}))
     return tuple(out)
 
@@ -509,9 +523,7 @@ def compute_attribution(
         for rule_id in hit.rule_ids:
             if rule_id in shared and hit.cert.tool != tools[rule_id]:
                 shared[rule_id].add(hit.cert.tool)
-    return {
-        rule.id: {"tool": tools[rule.id], "shared_with": sorted(shared[rule.id], key=str.lower)} for rule in rules
-    }
+    return {rule.id: {"tool": tools[rule.id], "shared_with": sorted(shared[rule.id], key=str.lower)} for rule in rules}
 
 
 def format_attribution(attribution: Mapping[str, Mapping[str, Any]], rules: Sequence[Rule]) -> str:
@@ -555,8 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m agent.catalog_attribution", description="Regenerate config/rule_attribution.yaml."
     )
     parser.add_argument("--rules", type=Path, action="append", help="rules directory (default: the shipped one)")
-    parser.add_argument("--reference", type=Path, help=f"reference folder (default: ${REFERENCE_ENV} or "
-                        f"{DEFAULT_REFERENCE_DIR})")
+    parser.add_argument(
+        "--reference", type=Path, help=f"reference folder (default: ${REFERENCE_ENV} or {DEFAULT_REFERENCE_DIR})"
+    )
     parser.add_argument("--out", type=Path, default=rule_attribution_file(), help="file to write")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date; write nothing")
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
+from agent.extract.sniff import HEADER_BYTES, classify
 from agent.platform import SpecialFile, open_regular
 from agent.rows import Device, ProcessContext, build_rows
 from agent.rules.loader import Rule
@@ -159,6 +160,10 @@ class Scanner:
         try:
             if st.st_size > self.max_file_size:
                 return "TOO_LARGE", None, f"{st.st_size} bytes > cap {self.max_file_size}", ident
+            # Most files are not PE: decide from the first bytes before building a file object.
+            if classify(os.read(fd, HEADER_BYTES)) is None:
+                return "NOT_PE", None, "", ident
+            os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
                 fd = -1
                 facts = extract_stream(stream, st.st_size, verifier=self.verifier, time_budget=self.file_time_budget)

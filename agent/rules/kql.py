@@ -26,7 +26,17 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.rules.kql_eval import Env, Evidence, ValueFn, compile_stages, filter_one, negate_op, run_stages
+from agent.rules.kql_eval import (
+    Env,
+    Evidence,
+    RowStep,
+    ValueFn,
+    compile_stages,
+    filter_one,
+    negate_op,
+    plan_row_stages,
+    run_stages,
+)
 from agent.rules.kql_lexer import KqlError
 from agent.rules.kql_parser import (
     And,
@@ -76,13 +86,18 @@ class Query:
         self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
         stages, slot_fns = compile_stages(parsed.stages)
         self._stages = stages
-        first_summarize = next((i for i, stage in enumerate(stages) if stage.kind == "summarize"), len(stages))
-        self._row_stages = stages[:first_summarize]
+        self._row_stages: tuple[RowStep, ...] = plan_row_stages(stages)
         self._slot_fns: tuple[ValueFn, ...] = slot_fns
         self._env_cache: Env | None = None
 
     def __repr__(self) -> str:
         return f"Query({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:  # the same text is the same query
+        return isinstance(other, Query) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
 
     def _env(self, now: datetime) -> Env:
         if now.tzinfo is None:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.rules.kql_parser import (
-    And,
     Ago,
+    And,
     Arith,
     Column,
     Compare,
@@ -37,7 +37,17 @@ from agent.rules.kql_parser import (
 )
 from agent.rules.terms import contains_folded, fold, has_any_terms, has_terms, term_key
 
-__all__ = ["Evidence", "Env", "CompiledStage", "compile_stages", "run_stages", "negate_op"]
+__all__ = [
+    "Evidence",
+    "Env",
+    "CompiledStage",
+    "RowStep",
+    "compile_stages",
+    "plan_row_stages",
+    "filter_one",
+    "run_stages",
+    "negate_op",
+]
 
 Row = Mapping[str, Any]
 
@@ -168,11 +178,17 @@ def _column_reader(name: str, kql_type: str) -> ValueFn:
     is_datetime = kql_type == "datetime"
     is_bool = kql_type == "bool"
 
+    exact = datetime if is_datetime else expected
+
     def read(row: Row, env: Env) -> Any:
         value = row.get(name)
         if value is None:
             return None
-        if isinstance(value, expected) and not (is_datetime and value.tzinfo is None):
+        if value.__class__ is exact and (not is_datetime or getattr(value, "tzinfo", None) is not None):
+            return value  # fast path: already the schema type
+        if isinstance(value, expected):
+            if is_datetime:
+                return coerce(value)  # also makes a naive datetime UTC
             return int(value) if isinstance(value, bool) and not is_bool else value
         return coerce(value)
 
@@ -267,7 +283,9 @@ class _Compiler:
             return ListPred(label, left, op, tuple(self.constant(arg) for arg in expr.args))
         if op in ("between", "!between"):
             low, high = self.value(expr.args[0]), self.value(expr.args[1])
-            return RangePred(label, left, op, low, high, expr.args[1].type == "timespan" and expr.left.type == "datetime")
+            return RangePred(
+                label, left, op, low, high, expr.args[1].type == "timespan" and expr.left.type == "datetime"
+            )
         right_expr = expr.args[0]
         right = self.value(right_expr)
         pattern = right_expr.value if isinstance(right_expr, Const) else None
@@ -571,23 +589,59 @@ def _project(row: Row, env: Env, assignments: tuple[tuple[str, ValueFn], ...]) -
     return {name: fn(row, env) for name, fn in assignments}
 
 
-def filter_one(stages: tuple[CompiledStage, ...], row: Row, env: Env) -> tuple[Evidence, ...] | None:
-    """Run the row-level stages before the first summarize on one row."""
-    evidence: list[Evidence] = []
-    current: Row = row
+@dataclass(frozen=True)
+class RowStep:
+    """One step of the row-level plan: a run of adjacent where stages, or an extend/project."""
+
+    kind: str  # where, extend, project
+    predicates: tuple[Pred, ...] = ()  # in query order, for the evidence
+    test_order: tuple[Pred, ...] = ()  # string predicates first: they reject most rows
+    assignments: tuple[tuple[str, ValueFn], ...] = ()
+
+
+def _selective(pred: Pred) -> bool:
+    if isinstance(pred, BinaryPred | ListPred):
+        return pred.op not in _ORDER
+    if isinstance(pred, AndPred | OrPred):
+        return any(_selective(item) for item in pred.items)
+    if isinstance(pred, NotPred):
+        return _selective(pred.operand)
+    return False
+
+
+def plan_row_stages(stages: tuple[CompiledStage, ...]) -> tuple[RowStep, ...]:
+    """The stages before the first summarize, with adjacent where stages merged (they commute)."""
+    steps: list[RowStep] = []
     for stage in stages:
+        if stage.kind == "summarize":
+            break
         if stage.kind == "where":
             assert stage.predicate is not None
-            if stage.predicate.test(current, env) is not True:
-                return None
-            evidence.extend(stage.predicate.evidence(current, env, True))
-        elif stage.kind == "extend":
-            current = _extend(current, env, stage.assignments)
-        elif stage.kind == "project":
-            current = _project(current, env, stage.assignments)
+            predicates: tuple[Pred, ...] = (stage.predicate,)
+            if steps and steps[-1].kind == "where":
+                predicates = steps.pop().predicates + predicates
+            order = tuple(sorted(predicates, key=lambda pred: not _selective(pred)))
+            steps.append(RowStep("where", predicates=predicates, test_order=order))
         else:
-            break
-    return tuple(evidence)
+            steps.append(RowStep(stage.kind, assignments=stage.assignments))
+    return tuple(steps)
+
+
+def filter_one(steps: tuple[RowStep, ...], row: Row, env: Env) -> tuple[Evidence, ...] | None:
+    """Run the row-level plan on one row; evidence is gathered only once every where has passed."""
+    passed: list[tuple[Pred, Row]] = []
+    current: Row = row
+    for step in steps:
+        if step.kind == "where":
+            for pred in step.test_order:
+                if pred.test(current, env) is not True:
+                    return None
+            passed.extend((pred, current) for pred in step.predicates)
+        elif step.kind == "extend":
+            current = _extend(current, env, step.assignments)
+        else:
+            current = _project(current, env, step.assignments)
+    return tuple(ev for pred, seen in passed for ev in pred.evidence(seen, env, True))
 
 
 def _sorted_set(values: Iterable[Any]) -> list[Any]:
@@ -659,10 +713,27 @@ def _summarize(rows: Iterable[Row], env: Env, stage: CompiledStage) -> Iterator[
         yield out
 
 
+def _pass_one(steps: tuple[RowStep, ...], row: Row, env: Env) -> Row | None:
+    """The row after the row-level plan, or None if a where drops it."""
+    current = row
+    for step in steps:
+        if step.kind == "where":
+            for pred in step.test_order:
+                if pred.test(current, env) is not True:
+                    return None
+        elif step.kind == "extend":
+            current = _extend(current, env, step.assignments)
+        else:
+            current = _project(current, env, step.assignments)
+    return current
+
+
 def run_stages(stages: tuple[CompiledStage, ...], rows: Iterable[Row], env: Env) -> list[dict[str, Any]]:
     """Run the whole pipeline. Rows that pass through untouched are returned as dict copies."""
-    current: Iterable[Row] = rows
-    for stage in stages:
+    steps = plan_row_stages(stages)
+    first_summarize = next((i for i, stage in enumerate(stages) if stage.kind == "summarize"), len(stages))
+    current: Iterable[Row] = (passed for passed in (_pass_one(steps, row, env) for row in rows) if passed is not None)
+    for stage in stages[first_summarize:]:
         current = _apply(stage, current, env)
     return [dict(row) for row in current]
 

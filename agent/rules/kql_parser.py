@@ -314,7 +314,10 @@ class _Parser:
             self.scalar_lets.pop(name, None)
             return
         if self.at_punct("(") and (
-            self.peek(1).kind == PUNCT and self.peek(1).value == ")" or self.peek(2).kind == PUNCT and self.peek(2).value == ":"
+            self.peek(1).kind == PUNCT
+            and self.peek(1).value == ")"
+            or self.peek(2).kind == PUNCT
+            and self.peek(2).value == ":"
         ):
             raise self.error(token, "unsupported construct: user-defined function in let")
         if token.kind == IDENT and token.value not in self.scalar_lets and token.value not in _SCALAR_FUNCTIONS:
@@ -344,9 +347,8 @@ class _Parser:
             raise self.error(token, f"'{token.value}' is a scalar, not a table")
         elif token.kind == IDENT and not token.value.startswith("!") and token.value not in _KEYWORDS:
             following = self.peek(1)
-            if following.kind == PUNCT and following.value in ("(", "|") or following.kind == EOF:
-                if following.kind == PUNCT and following.value == "(":
-                    raise self.error(token, f"unsupported tabular expression '{token.value}(...)'")
+            if following.kind == PUNCT and following.value == "(":  # datatable(...), range(...), view(...)
+                raise self.error(token, f"unsupported tabular expression '{token.value}(...)'")
             raise self.error(token, f"unknown table '{token.value}'; only {TABLE} is supported")
         else:
             raise self.error(token, f"expected the table {TABLE}, found {describe(token)}")
@@ -435,6 +437,9 @@ class _Parser:
     def parse_summarize(self, schema: dict[str, _ColumnInfo]) -> SummarizeStage:
         aggregates: list[Aggregate] = []
         names: list[tuple[str, Token]] = []
+        token = self.peek()
+        if token.kind == EOF or token.kind == PUNCT and token.value in ("|", ";"):
+            raise self.error(token, "summarize needs an aggregate or a by clause")
         if not self.at_word("by"):
             while True:
                 start = self.peek()
@@ -461,8 +466,6 @@ class _Parser:
                 if not self.at_punct(","):
                     break
                 self.advance()
-        if not aggregates and not by:
-            raise self.error(self.peek(), "summarize needs an aggregate or a by clause")
         seen: set[str] = set()
         for name, token in by_names + names:
             if name in seen:
@@ -558,12 +561,10 @@ class _Parser:
         elif token.kind == PUNCT and token.value == "=":
             raise self.error(token, "unexpected '=' (use '==' to compare)")
         elif token.kind == IDENT:
-            if token.value in ("and", "or", "by"):
-                return left
             if token.value in STRING_OPS | LIST_OPS | RANGE_OPS:
                 op = token.value
             else:
-                raise self.error(token, f"unsupported operator '{token.value}'")
+                self.reject_word_operator()
         if op is None:
             return left
         self.advance()
@@ -574,7 +575,15 @@ class _Parser:
         else:
             args = (self.parse_additive(scope),)
         self.check_compare(op, left, args, token)
+        self.reject_word_operator()
         return Compare("bool", self.source(start), start.line, start.column, op, left, args)
+
+    def reject_word_operator(self) -> None:
+        """A word right after an operand is an operator we do not support (`matches`, `has_cs`, `AND`)."""
+        token = self.peek()
+        if token.kind != IDENT or token.value in ("and", "or", "by", "let", TABLE) or token.value in self.tabular_lets:
+            return  # a table or `let` here means a missing ';', which the statement parser reports
+        raise self.error(token, f"unsupported operator '{token.value}'")
 
     def parse_list(self, scope: Mapping[str, _ColumnInfo], op: str, op_token: Token) -> tuple[Expr, ...]:
         self.expect_punct("(", f"after '{op}'")

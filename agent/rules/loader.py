@@ -124,7 +124,9 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any]:
         line = text.count("\n", 0, position) + 1
         column = position - (text.rfind("\n", 0, position) + 1) + 1
         character = exc.character if isinstance(exc.character, str) else chr(exc.character)
-        raise _Problem(line, column, f"invalid YAML: unacceptable character U+{ord(character):04X}: {exc.reason}") from None
+        raise _Problem(
+            line, column, f"invalid YAML: unacceptable character U+{ord(character):04X}: {exc.reason}"
+        ) from None
     except yaml.YAMLError as exc:
         raise _Problem(1, 1, f"invalid YAML: {exc}") from None
     finally:
@@ -356,7 +358,9 @@ def load_rules(dirs: Sequence[Path], *, attribution: Path | None = None) -> Rule
             continue
         if rule.id in first_path:
             problems.append(
-                RuleProblem(str(path), *id_position, f"duplicate rule id '{rule.id}' (already in {first_path[rule.id]})")
+                RuleProblem(
+                    str(path), *id_position, f"duplicate rule id '{rule.id}' (already in {first_path[rule.id]})"
+                )
             )
             continue
         first_path[rule.id] = str(path)
@@ -368,6 +372,6 @@ def load_rules(dirs: Sequence[Path], *, attribution: Path | None = None) -> Rule
                 shared_with=entry.shared_with if entry.shared_with is not None else rule.shared_with,
             )
         rules.append(rule)
-    for problem in problems:
-        log.debug("rule problem: %s", problem)
+    for found in problems:
+        log.debug("rule problem: %s", found)
     return RuleSet(tuple(rules), tuple(problems))

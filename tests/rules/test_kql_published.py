@@ -46,9 +46,7 @@ def markdown_by_tool() -> dict[str, Query]:
 
 
 @pytest.fixture(scope="module")
-def queries_by_tool(
-    sentinel_by_tool: dict[str, Query], markdown_by_tool: dict[str, Query]
-) -> dict[str, list[Query]]:
+def queries_by_tool(sentinel_by_tool: dict[str, Query], markdown_by_tool: dict[str, Query]) -> dict[str, list[Query]]:
     out: dict[str, list[Query]] = {}
     for tool, query in [*sentinel_by_tool.items(), *markdown_by_tool.items()]:
         out.setdefault(tool, []).append(query)
@@ -201,7 +199,14 @@ def test_documented_rule_vs_certificate_cases(
 
 
 def test_generic_signers_hit_no_published_rule(queries_by_tool: dict[str, list[Query]]) -> None:
-    generic = ["Microsoft Corporation", "Microsoft Windows", "Simon Tatham", "win.rar GmbH", "Google LLC", "Martin Prikryl"]
+    generic = [
+        "Microsoft Corporation",
+        "Microsoft Windows",
+        "Simon Tatham",
+        "win.rar GmbH",
+        "Google LLC",
+        "Martin Prikryl",
+    ]
     for tool, queries in queries_by_tool.items():
         for query in queries:
             for signer in generic:
