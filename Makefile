@@ -9,7 +9,7 @@ DEB_STAMP := $(VENV)/.debs
 DEB_PACKAGES := openssl osslsigncode wixl
 SCAN_ARGS ?=
 
-.PHONY: install debs scan test lint fixtures bench clean
+.PHONY: install debs scan test lint fixtures bench catalog-report clean
 
 install: $(STAMP)
 
@@ -50,6 +50,9 @@ fixtures: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+catalog-report: install
+	$(BIN)/python -m agent.catalog_report
 
 clean:
 	rm -rf $(VENV) build/dist build/work

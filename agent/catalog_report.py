@@ -169,6 +169,7 @@ def build_report(
         "vendor_recall": _ratio(vendor_caught, len(vendor)),
         "tools": dict(sorted(tools.items(), key=lambda item: item[0].lower())),
         "tools_missed": sorted((t for t, e in tools.items() if e["missed"]), key=str.lower),
+        "tools_not_found": sorted((t for t, e in tools.items() if not e["caught"]), key=str.lower),
         "generic_signer_hits": generic_hits,
         "rules_without_lolrmm_certificate": silent_rules,
         "tools_with_rule_but_no_der": sorted((t for t in rule_tools if t not in tools), key=str.lower),
@@ -207,6 +208,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     for tool in report["tools_missed"]:
         for miss in report["tools"][tool]["missed"]:
             lines.append(f"  {tool}: {miss['signer']} [{miss['signer_hash'][:12]}] - {miss['reason']}")
+    lines.append("")
+    lines.append("tools none of whose certificates is caught: " + (", ".join(report["tools_not_found"]) or "none"))
     lines.append("")
     hits = report["generic_signer_hits"]
     lines.append(f"generic signers that fire a rule: {len(hits)}" + (" (must be 0)" if hits else ""))

@@ -619,7 +619,7 @@ def test_parse_exclusions_with_no_exclusions() -> None:
 
 
 def test_example_config_loads_cleanly_and_carries_the_guide_expressions() -> None:
-    path = REPO / "config" / "exclusions.example.toml"
+    path = REPO / "config" / "agent.example.toml"
     text = path.read_text(encoding="utf-8")
     exclusions, problems = parse_exclusions(tomllib.loads(text), path=str(path), source_text=text)
     assert problems == ()

@@ -17,7 +17,14 @@ Supported, over the single table `DeviceFileCertificateInfo` (columns from agent
 
 String semantics are in agent.rules.terms (Unicode-wide case folding, unlike Kusto's ASCII-only).
 `==`, `!=`, `in`, `!in` are case-sensitive; the others are case-insensitive. `dcount` is exact.
+A literal `has`/`has_any`/`has_all` pattern without letters or digits is rejected at parse time.
+Nulls (None or a missing key) use Kusto's three-valued logic: a row is kept only when the
+predicate is true, so `Signer !has 'x'` and `not(Signer has 'x')` both drop a row without Signer.
+Column values are coerced to the agent.schema type (0/1 -> bool, ISO text -> UTC datetime).
 Everything else raises KqlError at parse time with the line and column of the offending token.
+
+Besides the agreed API, Query exposes `output_columns` (names after the last stage) and
+`has_summarize`. Queries compare equal when their text is equal. Query is not picklable.
 """
 
 from __future__ import annotations

@@ -146,3 +146,37 @@ def test_missing_path_is_an_error(tmp_path):
     assert out.returncode == 2 and "no such file" in out.stderr
 
 
+
+
+def test_example_config_loads_and_excluded_rows_are_kept_and_flagged(tmp_path):
+    """The shipped example config is valid as a whole; an exclusion flags rows without losing them."""
+    from agent.settings import load_settings
+
+    settings = load_settings(config_file=str(ROOT / "config" / "agent.example.toml"), env={})
+    assert settings.max_file_size == 268435456 and len(settings.exclusions) >= 5
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        '[agent]\nreobserve_interval = 3600.0\n\n[[exclusions]]\nid = "lab-dws"\nexpression = \'signer has "DWSNET"\'\n',
+        encoding="utf-8",
+    )
+    state = tmp_path / "s"
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "scan", str(FIXTURES / "files" / "dwservice.exe"), "--config", str(config),
+         "--state-dir", str(state), "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr  # the only hit is excluded: no finding
+    assert json.loads(out.stdout)["summary"]["excluded_hits"] >= 1
+    rows = rmmhunt("rows", "--excluded", "--format", "json", state=state)
+    flagged = json.loads(rows.stdout)
+    assert [r["ExclusionId"] for r in flagged] == ["lab-dws"] and flagged[0]["Excluded"] is True
+    shown = rmmhunt("hunt", "--include-excluded", "--config", str(config), state=state)
+    assert shown.returncode == 1 and DWSERVICE in shown.stdout
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[[exclusions]]\nid = "x"\nexpression = \'process.name == "a" && event_id == "b"\'\n')
+    out = rmmhunt("scan", str(FIXTURES / "files" / "unsigned.exe"), "--config", str(config), state=tmp_path / "s")
+    assert out.returncode == 2
+    assert "bad.toml:3" in out.stderr and "event_id" in out.stderr and "file.name" in out.stderr

@@ -236,3 +236,12 @@ def test_columns_used_and_string_patterns() -> None:
 def test_query_text_is_kept() -> None:
     text = f"{T} | where Signer has 'x'"
     assert parse_query(text).text == text
+
+
+def test_query_equality_is_by_text_and_metadata() -> None:
+    text = f"{T} | where Signer has 'x' | summarize count() by DeviceId"
+    first, second = parse_query(text), parse_query(text)
+    assert first == second and hash(first) == hash(second)
+    assert first != parse_query(text + " ")
+    assert first.has_summarize is True
+    assert first.output_columns == ("DeviceId", "count_")
