@@ -21,7 +21,9 @@ log = logging.getLogger("rmmhunt")
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 RESULT_COLUMNS = ("RuleId", "RuleName", "Tool", "DeviceId", "DeviceName", "FirstSeen", "LastSeen", "Report", "Count")
-DRILL_COLUMNS = ("RuleId", "RuleName", "Tool", "Timestamp", "ReportId", "FolderPath", "SHA256", "Signer", "IsTrusted")
+DRILL_COLUMNS = (
+    "RuleId", "RuleName", "Tool", "Timestamp", "ReportId", "FolderPath", "SHA256", "Signer", "IsTrusted", "Evidence",
+)
 
 
 class UsageError(Exception):

@@ -50,17 +50,24 @@ def run_hunt(
     results: list[HuntResult] = []
     for rule in rules:
         matched = []
+        evidence_of: dict[int, list[dict[str, Any]]] = {}
         for row in pool:
             if not include_excluded and excluded_for and rule.id in excluded_for.get(
                 (row["DeviceId"], row["ReportId"]), set()
             ):
                 continue
-            if rule.query.filter_row(row, now=now) is not None:
+            evidence = rule.query.filter_row(row, now=now)
+            if evidence is not None:
                 matched.append(row)
+                evidence_of[id(row)] = [
+                    {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
+                    for e in evidence
+                ]
         if not matched:
             continue
         for result in rule.query.run(matched, now=now):
-            results.append(HuntResult(rule, result, _rows_behind(result, matched)))
+            behind = tuple({**row, "Evidence": evidence_of[id(row)]} for row in _rows_behind(result, matched))
+            results.append(HuntResult(rule, result, behind))
     return results
 
 

@@ -40,7 +40,7 @@ def _check_toml(path: Path) -> list[str]:
 
 def rules_check(paths: Sequence[str], settings: Settings) -> list[str]:
     """One 'file:line:col: message' string per problem in the given files/dirs (default: in use)."""
-    from agent.rules.loader import check_rule_file
+    from agent.rules.loader import check_rule_file, load_rules
 
     targets = [Path(p) for p in paths] or list(settings.rule_dirs_effective)
     if not paths and settings.config_file:
@@ -48,7 +48,9 @@ def rules_check(paths: Sequence[str], settings: Settings) -> list[str]:
     problems: list[str] = []
     for target in targets:
         if target.is_dir():
-            files = sorted(p for p in target.iterdir() if p.suffix in (".yaml", ".yml", ".toml"))
+            # the loader checks the directory as a whole (duplicate ids across files)
+            problems.extend(str(p) for p in load_rules([target]).problems)
+            files = sorted(p for p in target.iterdir() if p.suffix == ".toml")
         elif target.exists():
             files = [target]
         else:

@@ -180,3 +180,12 @@ def test_bad_config_is_a_clear_error(tmp_path):
     out = rmmhunt("scan", str(FIXTURES / "files" / "unsigned.exe"), "--config", str(config), state=tmp_path / "s")
     assert out.returncode == 2
     assert "bad.toml:3" in out.stderr and "event_id" in out.stderr and "file.name" in out.stderr
+
+
+def test_drill_down_rows_carry_their_evidence(tmp_path):
+    state = tmp_path / "s"
+    rmmhunt("scan", str(FIXTURES / "files" / "dwservice.exe"), state=state)
+    out = rmmhunt("hunt", "--rows", "--format", "jsonl", "--rule", DWSERVICE, state=state)
+    (record,) = [json.loads(line) for line in out.stdout.splitlines()]
+    signer_evidence = [e for e in record["Evidence"] if e["column"] == "Signer"]
+    assert signer_evidence == [{"column": "Signer", "value": "DWSNET OÜ", "operator": "has", "pattern": "DWSNET OÜ"}]
