@@ -146,8 +146,6 @@ class Scanner:
     def _examine(self, item: WalkItem) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
         """(status, facts, detail, identity) for one regular file; opens it without blocking."""
         ident = (item.st_dev, item.st_ino, item.size, item.mtime_ns)
-        if item.size > self.max_file_size:
-            return "TOO_LARGE", None, f"{item.size} bytes > cap {self.max_file_size}", ident
         try:
             fd, st = open_regular(item.path)
         except SpecialFile as exc:
@@ -158,11 +156,12 @@ class Scanner:
             return ("VANISHED" if exc.errno in (2, 20) else "ACCESS_DENIED"), None, exc.strerror or str(exc), ident
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         try:
-            if st.st_size > self.max_file_size:
-                return "TOO_LARGE", None, f"{st.st_size} bytes > cap {self.max_file_size}", ident
             # Most files are not PE: decide from the first bytes before building a file object.
+            # The size cap applies to PE/MSI candidates; a huge archive is simply NOT_PE.
             if classify(os.read(fd, HEADER_BYTES)) is None:
                 return "NOT_PE", None, "", ident
+            if st.st_size > self.max_file_size:
+                return "TOO_LARGE", None, f"{st.st_size} bytes > cap {self.max_file_size}", ident
             os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
                 fd = -1

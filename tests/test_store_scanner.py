@@ -108,3 +108,17 @@ def test_facts_round_trip_through_the_cache():
     data = (FIXTURES / "files" / "timestamped.exe").read_bytes()
     facts = extract_stream(io.BytesIO(data), len(data), verifier=None)
     assert facts_from_json(facts_to_json(facts)) == facts
+
+
+def test_size_cap_applies_to_pe_candidates_only(tmp_path, tree):
+    big_text = tree / "big.log"
+    big_text.write_bytes(b"x" * 5000)
+    clock = Clock()
+    with Store(tmp_path / "db.sqlite3") as store:
+        scanner = Scanner(store, DEVICE, Matcher([]), None, max_file_size=3000, file_time_budget=10,
+                          reobserve_interval=3600, clock=clock)
+        stats = scanner.scan([str(tree)])
+    by_path = {os.path.basename(e["path"]): e["status"] for e in stats.errors}
+    assert by_path["pulseway.exe"] == "TOO_LARGE" and by_path["dual_signed.exe"] == "TOO_LARGE"
+    assert "big.log" not in by_path and stats.statuses["NOT_PE"] == 2  # big.log and text.exe
+    assert stats.files == sum(stats.statuses.values()) == 5
