@@ -22,7 +22,16 @@ log = logging.getLogger("rmmhunt")
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 RESULT_COLUMNS = ("RuleId", "RuleName", "Tool", "DeviceId", "DeviceName", "FirstSeen", "LastSeen", "Report", "Count")
 DRILL_COLUMNS = (
-    "RuleId", "RuleName", "Tool", "Timestamp", "ReportId", "FolderPath", "SHA256", "Signer", "IsTrusted", "Evidence",
+    "RuleId",
+    "RuleName",
+    "Tool",
+    "Timestamp",
+    "ReportId",
+    "FolderPath",
+    "SHA256",
+    "Signer",
+    "IsTrusted",
+    "Evidence",
 )
 
 
@@ -37,7 +46,10 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--state-dir", default=default, help="state directory (env RMMHUNT_STATE_DIR)")
     parser.add_argument(
-        "--rules", action="append", default=default, metavar="DIR",
+        "--rules",
+        action="append",
+        default=default,
+        metavar="DIR",
         help="rule directory; repeatable; replaces the shipped catalog",
     )
     parser.add_argument("--config", default=default, metavar="FILE", help="TOML config file")
@@ -112,7 +124,9 @@ def _device(settings: Settings) -> Any:
     from agent.rows import Device
 
     device_id = settings.device_id or platform.device_id_from(platform.machine_identity())
-    return Device(device_id=device_id.lower(), device_name=(settings.device_name or platform.default_device_name()).lower())
+    return Device(
+        device_id=device_id.lower(), device_name=(settings.device_name or platform.default_device_name()).lower()
+    )
 
 
 def _load_rules(settings: Settings, err: TextIO) -> list[Any]:
@@ -182,7 +196,9 @@ def _render_results(results: Sequence[Any], fmt: str, with_rows: bool) -> str:
     if with_rows:
         drill = _drill_records(results)
         if fmt == "table":
-            return render(records, "table", columns=RESULT_COLUMNS) + "\n" + render(drill, "table", columns=DRILL_COLUMNS)
+            return (
+                render(records, "table", columns=RESULT_COLUMNS) + "\n" + render(drill, "table", columns=DRILL_COLUMNS)
+            )
         return render(drill, fmt)
     return render(records, fmt, columns=RESULT_COLUMNS)
 
@@ -196,7 +212,10 @@ def _hunt(store: Any, rules: Sequence[Any], *, roots: Sequence[str] | None, incl
         exact = {os.path.abspath(r) for r in roots}
         rows = (row for row in rows if row["FolderPath"] in exact or row["FolderPath"].startswith(tuple(prefixes)))
     return run_hunt(
-        rows, rules, now=dt.datetime.now(dt.timezone.utc), include_excluded=include_excluded,
+        rows,
+        rules,
+        now=dt.datetime.now(dt.UTC),
+        include_excluded=include_excluded,
         excluded_for=None if include_excluded else per_rule_exclusions(store),
     )
 
@@ -251,7 +270,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     exclusions = _load_exclusions(settings)
     device = _device(settings)
     if args.paths:
-        roots, skip = list(args.paths), frozenset()
+        roots, skip = list(args.paths), frozenset[str]()
         for p in roots:
             if not os.path.lexists(p):
                 raise UsageError(f"no such file or directory: {p}")
@@ -262,8 +281,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     store = _open_store(settings)
     with store:
         scanner = Scanner(
-            store, device, Matcher(rules, exclusions), verifier,
-            max_file_size=settings.max_file_size, file_time_budget=settings.file_time_budget,
+            store,
+            device,
+            Matcher(rules, exclusions),
+            verifier,
+            max_file_size=settings.max_file_size,
+            file_time_budget=settings.file_time_budget,
             reobserve_interval=settings.reobserve_interval,
         )
         progress = None if args.no_progress or not sys.stderr.isatty() else Progress(sys.stderr)

@@ -109,7 +109,9 @@ def _why_not(rule: Any, row: dict[str, Any]) -> str:
     return f"{current} does not satisfy {shown}"
 
 
-def explain_file(path: str, settings: Settings, rules: Sequence[Any], exclusions: Sequence[Any], device: Device) -> Explanation:
+def explain_file(
+    path: str, settings: Settings, rules: Sequence[Any], exclusions: Sequence[Any], device: Device
+) -> Explanation:
     verifier = TrustVerifier(load_roots(settings.trusted_roots)) if settings.verify else None
     try:
         fd, st = open_regular(path)
@@ -129,20 +131,30 @@ def explain_file(path: str, settings: Settings, rules: Sequence[Any], exclusions
                     facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=settings.file_time_budget)
                 except OSError as exc:
                     facts = FileFacts("ACCESS_DENIED", "", st.st_size, detail=str(exc))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     rows = build_rows(facts, os.path.abspath(path), device, now, "scan")
     verdicts = []
     for row in rows:
         for rule in rules:
             evidence = rule.query.filter_row(row, now=now)
             if evidence is None:
-                verdicts.append(RuleVerdict(rule.id, rule.name, rule.tool, row["SignatureIndex"], False, _why_not(rule, row)))
+                verdicts.append(
+                    RuleVerdict(rule.id, rule.name, rule.tool, row["SignatureIndex"], False, _why_not(rule, row))
+                )
                 continue
             excluded = next((e.id for e in exclusions if e.applies(row, rule.id)), None)
             verdicts.append(
                 RuleVerdict(
-                    rule.id, rule.name, rule.tool, row["SignatureIndex"], True, "row filter holds",
-                    [{"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern} for e in evidence],
+                    rule.id,
+                    rule.name,
+                    rule.tool,
+                    row["SignatureIndex"],
+                    True,
+                    "row filter holds",
+                    [
+                        {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
+                        for e in evidence
+                    ],
                     excluded,
                 )
             )

@@ -52,8 +52,10 @@ def run_hunt(
         matched = []
         evidence_of: dict[int, list[dict[str, Any]]] = {}
         for row in pool:
-            if not include_excluded and excluded_for and rule.id in excluded_for.get(
-                (row["DeviceId"], row["ReportId"]), set()
+            if (
+                not include_excluded
+                and excluded_for
+                and rule.id in excluded_for.get((row["DeviceId"], row["ReportId"]), set())
             ):
                 continue
             evidence = rule.query.filter_row(row, now=now)

@@ -15,7 +15,7 @@ FORMATS = ("table", "json", "jsonl", "csv")
 def plain(value: Any) -> Any:
     """JSON-ready value: datetimes as ISO 8601 UTC with Z, tuples as lists."""
     if isinstance(value, dt.datetime):
-        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
     if isinstance(value, (list, tuple, set, frozenset)):
         return [plain(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value)]
     if isinstance(value, Mapping):

@@ -17,11 +17,42 @@ IS_WINDOWS = sys.platform == "win32"
 # Filesystems that hold no files worth scanning (kernel views, virtual, or remote).
 PSEUDO_FS = frozenset(
     {
-        "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs",
-        "pstore", "bpf", "mqueue", "hugetlbfs", "configfs", "fusectl", "binfmt_misc", "autofs", "efivarfs",
-        "rpc_pipefs", "nsfs", "selinuxfs", "ramfs", "nfsd", "fuse.gvfsd-fuse", "fuse.portal",
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "securityfs",
+        "debugfs",
+        "tracefs",
+        "pstore",
+        "bpf",
+        "mqueue",
+        "hugetlbfs",
+        "configfs",
+        "fusectl",
+        "binfmt_misc",
+        "autofs",
+        "efivarfs",
+        "rpc_pipefs",
+        "nsfs",
+        "selinuxfs",
+        "ramfs",
+        "nfsd",
+        "fuse.gvfsd-fuse",
+        "fuse.portal",
         # remote filesystems are not "local fixed" ones
-        "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph", "glusterfs",
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "fuse.sshfs",
+        "afs",
+        "ceph",
+        "glusterfs",
     }
 )
 PSEUDO_ROOT_DIRS = ("/proc", "/sys", "/dev", "/run")
@@ -30,10 +61,10 @@ PSEUDO_ROOT_DIRS = ("/proc", "/sys", "/dev", "/run")
 def machine_identity() -> str:
     """The raw stable machine identity (Linux /etc/machine-id, Windows MachineGuid)."""
     if IS_WINDOWS:
-        import winreg  # type: ignore[import-not-found]
+        import winreg
 
-        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SOFTWARE\Microsoft\Cryptography") as key:
-            return str(winreg.QueryValueEx(key, "MachineGuid")[0])
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SOFTWARE\Microsoft\Cryptography") as key:  # type: ignore[attr-defined]
+            return str(winreg.QueryValueEx(key, "MachineGuid")[0])  # type: ignore[attr-defined]
     for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             text = Path(candidate).read_text().strip()

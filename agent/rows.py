@@ -92,7 +92,7 @@ def to_jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     for name in COLUMN_NAMES:
         value = row.get(name)
         if isinstance(value, dt.datetime):
-            value = value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+            value = value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
         out[name] = value
     for name, value in row.items():  # extra keys such as RuleId/RuleName/Evidence
         if name not in out:

@@ -80,7 +80,7 @@ Clock = Callable[[], dt.datetime]
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Matcher:
@@ -200,8 +200,13 @@ class Scanner:
         if status not in ("ACCESS_DENIED", "VANISHED", "TIMEOUT"):  # worth another try next time
             self._remember(
                 item.path,
-                CacheEntry(*ident, status=status, kind=kind, facts=facts_to_json(facts) if signed and facts else None,
-                           last_emitted=now.isoformat() if signed else None),
+                CacheEntry(
+                    *ident,
+                    status=status,
+                    kind=kind,
+                    facts=facts_to_json(facts) if signed and facts else None,
+                    last_emitted=now.isoformat() if signed else None,
+                ),
             )
         return self._emit(facts, item.path, now, stats, process) if signed and facts else []
 
@@ -265,8 +270,9 @@ class Scanner:
         self.store.begin()
         try:
             for n, item in enumerate(
-                iter_files(roots, follow_symlinks=follow_symlinks, skip_dirs=skip_dirs, counters=stats.walk,
-                           errors=dir_errors),
+                iter_files(
+                    roots, follow_symlinks=follow_symlinks, skip_dirs=skip_dirs, counters=stats.walk, errors=dir_errors
+                ),
                 start=1,
             ):
                 try:

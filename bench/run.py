@@ -31,8 +31,20 @@ from agent.scanner import Matcher, Scanner  # noqa: E402
 from agent.store import Store  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "files"
-SIGNED = [p for p in sorted(FIXTURES.iterdir()) if p.suffix == ".exe" and p.name not in (
-    "text.exe", "empty.exe", "unsigned.exe", "truncated_certtable.exe", "bad_wincert_length.exe", "garbage_pkcs7.exe")]
+SIGNED = [
+    p
+    for p in sorted(FIXTURES.iterdir())
+    if p.suffix == ".exe"
+    and p.name
+    not in (
+        "text.exe",
+        "empty.exe",
+        "unsigned.exe",
+        "truncated_certtable.exe",
+        "bad_wincert_length.exe",
+        "garbage_pkcs7.exe",
+    )
+]
 ROOT_CA = ROOT / "tests" / "fixtures" / "pki" / "root-ca.pem"
 
 
@@ -51,7 +63,6 @@ def make_tree(base: Path, count: int) -> None:
             (d / f"f{i}.txt").write_bytes(b"log line %d\n" % i * 20)
 
 
-
 def time_floor(tree: Path) -> float:
     start = time.perf_counter()
     subprocess.run(f"find {tree} -type f -print0 | xargs -0 head -c 64 >/dev/null", shell=True, check=True)
@@ -61,8 +72,15 @@ def time_floor(tree: Path) -> float:
 def time_scan(tree: Path, state: Path, verify: bool) -> tuple[float, object]:
     verifier = TrustVerifier(load_roots([ROOT_CA])) if verify else None
     with Store(state / "rmmhunt.sqlite3") as store:
-        scanner = Scanner(store, Device("b" * 40, "bench"), Matcher([]), verifier, max_file_size=1 << 28,
-                          file_time_budget=30, reobserve_interval=86400)
+        scanner = Scanner(
+            store,
+            Device("b" * 40, "bench"),
+            Matcher([]),
+            verifier,
+            max_file_size=1 << 28,
+            file_time_budget=30,
+            reobserve_interval=86400,
+        )
         start = time.perf_counter()
         stats = scanner.scan([str(tree)])
         return time.perf_counter() - start, stats
@@ -83,8 +101,10 @@ def bench_walk(count: int, work: Path) -> None:
     second, stats2 = time_scan(tree, state, verify=True)
     print("\n[1] walk and classify (mostly non-PE), page cache warm")
     print(f"  floor  find | xargs head -c 64 : {floor:7.3f}s  ({count / floor:8.0f} files/s)")
-    print(f"  rmmhunt first scan            : {first:7.3f}s  ({count / first:8.0f} files/s)"
-          f"  parsed={stats.parsed} signed={stats.signed_files}")
+    print(
+        f"  rmmhunt first scan            : {first:7.3f}s  ({count / first:8.0f} files/s)"
+        f"  parsed={stats.parsed} signed={stats.signed_files}"
+    )
     print(f"  ratio first scan / floor      : {first / floor:7.2f}x   (target <= 1.5x)")
     print(f"  rmmhunt re-scan (unchanged)   : {second:7.3f}s  parsed={stats2.parsed} unchanged={stats2.unchanged}")
     print(f"  ratio first scan / re-scan    : {first / second:7.2f}x   (target >= 20x)")
@@ -103,8 +123,7 @@ def _per_file(fn, datas: list[bytes], rounds: int) -> float:
 def bench_extraction(rounds: int) -> None:
     datas = [p.read_bytes() for p in SIGNED]
     ours = _per_file(lambda d: extract_stream(io.BytesIO(d), len(d), verifier=None), datas, rounds)
-    print("\n[2] signer extraction per signed PE, no verification "
-          f"({len(datas)} fixtures x {rounds} rounds, median)")
+    print(f"\n[2] signer extraction per signed PE, no verification ({len(datas)} fixtures x {rounds} rounds, median)")
     print(f"  rmmhunt extract_stream        : {ours * 1000:7.3f} ms/file")
     try:
         import lief
@@ -143,8 +162,10 @@ def bench_verification(copies: int) -> None:
         AuthenticodeFile.from_stream(io.BytesIO(d)).explain_verify(trusted_certificate_store=store)
     theirs = (time.perf_counter() - start) / len(sample)
     print(f"\n[3] full verification, {len(total)} files over {len(datas)} signer chains")
-    print(f"  rmmhunt (chain cache)         : {ours * 1000:7.2f} ms/file  "
-          f"cache hits={verifier.cache_hits} misses={verifier.cache_misses}")
+    print(
+        f"  rmmhunt (chain cache)         : {ours * 1000:7.2f} ms/file  "
+        f"cache hits={verifier.cache_hits} misses={verifier.cache_misses}"
+    )
     print(f"  signify explain_verify alone  : {theirs * 1000:7.2f} ms/file")
     print(f"  ratio signify / rmmhunt       : {theirs / ours:7.2f}x   (target: rmmhunt <= 5 ms/file)")
 

@@ -46,8 +46,9 @@ from signify.authenticode import AuthenticodeFile, TRUSTED_CERTIFICATE_STORE
 from signify.x509 import Certificate, CertificateStore
 import oscrypto._openssl._libcrypto_ctypes as lc
 roots = CertificateStore(list(Certificate.from_pems(open({str(TEST_ROOT_CA)!r}, 'rb').read())), trusted=True)
-with open({str(FIXTURES / 'files' / 'pulseway.exe')!r}, 'rb') as f:
-    result, exc = AuthenticodeFile.from_stream(f).explain_verify(trusted_certificate_store=TRUSTED_CERTIFICATE_STORE | roots)
+with open({str(FIXTURES / "files" / "pulseway.exe")!r}, 'rb') as f:
+    store = TRUSTED_CERTIFICATE_STORE | roots
+    result, exc = AuthenticodeFile.from_stream(f).explain_verify(trusted_certificate_store=store)
 print(result.name, lc.version_info[0] >= 1, oscrypto_fix.patched)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -61,9 +62,10 @@ print(result.name, lc.version_info[0] >= 1, oscrypto_fix.patched)
 def test_signify_signer_infos_is_memoised_and_unchanged():
     import io
 
+    from signify.authenticode.signed_file.pe import SignedPEFile
+
     import agent.extract.authenticode  # noqa: F401  (installs the speed-up)
     from agent.compat import signify_speedups
-    from signify.authenticode.signed_file.pe import SignedPEFile
 
     assert signify_speedups.install() is True  # idempotent
     data = (FIXTURES / "files" / "dual_signed.exe").read_bytes()

@@ -21,7 +21,7 @@ class Clock:
     """A settable clock for the reobserve policy (time is an input, not a mock of anything)."""
 
     def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+        self.now = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
     def __call__(self) -> dt.datetime:
         return self.now
@@ -37,8 +37,16 @@ def tree(tmp_path):
 
 
 def _scanner(store, clock, verifier=None):
-    return Scanner(store, DEVICE, Matcher([]), verifier, max_file_size=1 << 20, file_time_budget=10,
-                   reobserve_interval=24 * 3600, clock=clock)
+    return Scanner(
+        store,
+        DEVICE,
+        Matcher([]),
+        verifier,
+        max_file_size=1 << 20,
+        file_time_budget=10,
+        reobserve_interval=24 * 3600,
+        clock=clock,
+    )
 
 
 def test_report_ids_are_monotonic_and_survive_reopen(tmp_path, tree):
@@ -115,8 +123,16 @@ def test_size_cap_applies_to_pe_candidates_only(tmp_path, tree):
     big_text.write_bytes(b"x" * 5000)
     clock = Clock()
     with Store(tmp_path / "db.sqlite3") as store:
-        scanner = Scanner(store, DEVICE, Matcher([]), None, max_file_size=3000, file_time_budget=10,
-                          reobserve_interval=3600, clock=clock)
+        scanner = Scanner(
+            store,
+            DEVICE,
+            Matcher([]),
+            None,
+            max_file_size=3000,
+            file_time_budget=10,
+            reobserve_interval=3600,
+            clock=clock,
+        )
         stats = scanner.scan([str(tree)])
     by_path = {os.path.basename(e["path"]): e["status"] for e in stats.errors}
     assert by_path["pulseway.exe"] == "TOO_LARGE" and by_path["dual_signed.exe"] == "TOO_LARGE"

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import agent.extract  # noqa: F401  (installs the oscrypto fix before signify is imported)
-from agent.extract import sniff
-from agent.extract.certinfo import CertIdentity, parse_certificate
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
 from signify.authenticode.signed_file.msi import SignedMsiFile
 from signify.authenticode.signed_file.pe import SignedPEFile
@@ -28,7 +25,10 @@ from signify.exceptions import SignifyError
 from signify.x509 import Certificate, CertificateStore, VerificationContext
 from signify.x509.context import CombinedCertificateStore
 
+import agent.extract  # noqa: F401  (installs the oscrypto fix before signify is imported)
 from agent.compat import signify_speedups
+from agent.extract import sniff
+from agent.extract.certinfo import CertIdentity, parse_certificate
 
 signify_speedups.install()
 
@@ -119,7 +119,7 @@ class _CachedChainContext(VerificationContext):
         return super().find_certificates(**kwargs)
 
     def verify(self, certificate: Certificate) -> list[Certificate]:
-        moment = self.timestamp or dt.datetime.now(dt.timezone.utc)
+        moment = self.timestamp or dt.datetime.now(dt.UTC)
         offered = [c for store in self.stores if not store.trusted for c in store]
         key = (
             certificate.sha1_fingerprint,
@@ -136,7 +136,7 @@ class _CachedChainContext(VerificationContext):
             chain, error = hit
             if error is not None:
                 raise error
-            if all(c.valid_from <= moment <= c.valid_to for c in chain):
+            if chain is not None and all(c.valid_from <= moment <= c.valid_to for c in chain):
                 return chain
         self._verifier.cache_misses += 1
         try:
@@ -217,7 +217,7 @@ def _countersignature_time(si: Any) -> dt.datetime | None:
     except Exception:  # malformed countersignature: time unknown
         return None
     if value is not None and value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     return value
 
 
@@ -290,7 +290,9 @@ def _kind_guess(header: bytes) -> str:
     return {"MZ": "PE", "OLE": "MSI"}.get(sniff.classify(header) or "", "")
 
 
-def _facts_of_signed(signed: Any, kind: str, size: int, verifier: TrustVerifier | None, deadline: _Deadline) -> FileFacts:
+def _facts_of_signed(
+    signed: Any, kind: str, size: int, verifier: TrustVerifier | None, deadline: _Deadline
+) -> FileFacts:
     warnings: list[str] = []
     try:
         sigs = list(signed.iter_embedded_signatures(include_nested=True, ignore_parse_errors=False))
@@ -332,7 +334,8 @@ def _facts_of_signed(signed: Any, kind: str, size: int, verifier: TrustVerifier 
         seen.add(identity.sha1)
         alg = sig.indirect_data.digest_algorithm().name
         digest_valid: bool | None = None
-        status, error, chain = NOT_VERIFIED, "", []
+        status, error = NOT_VERIFIED, ""
+        chain: list[Certificate] = []
         if verifier is not None:
             expected = authentihashes.get(alg)
             digest_valid = expected == sig.indirect_data.digest

@@ -41,8 +41,9 @@ def test_rules_check_reports_file_line_col_and_fails(tmp_path):
 
 
 def test_rules_check_of_the_shipped_catalog_and_example_config_is_clean(tmp_path):
-    out = rmmhunt("rules", "check", str(ROOT / "config" / "rules"), str(ROOT / "config" / "agent.example.toml"),
-                  state=tmp_path)
+    out = rmmhunt(
+        "rules", "check", str(ROOT / "config" / "rules"), str(ROOT / "config" / "agent.example.toml"), state=tmp_path
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout == ""
 

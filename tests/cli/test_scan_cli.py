@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -37,8 +36,14 @@ def test_scan_fixtures_reports_pulseway_and_dwservice(tmp_path):
         assert result["Count"] == len(result["Report"])
     pulse_files = {os.path.basename(r["FolderPath"]) for r in payload["rows"] if r["RuleId"] == PULSEWAY}
     # nested signature, MSI, content sniffing, PE32+, tampered copy: all carry the signer
-    assert {"pulseway.exe", "dual_signed.exe", "signed.msi", "content_sniff.dat", "pe64.exe",
-            "flipped_byte.exe"} <= pulse_files
+    assert {
+        "pulseway.exe",
+        "dual_signed.exe",
+        "signed.msi",
+        "content_sniff.dat",
+        "pe64.exe",
+        "flipped_byte.exe",
+    } <= pulse_files
     assert "nearmiss.exe" not in pulse_files
     dws_files = {os.path.basename(r["FolderPath"]) for r in payload["rows"] if r["RuleId"] == DWSERVICE}
     assert {"dwservice.exe", "timestamped.exe"} <= dws_files
@@ -109,8 +114,9 @@ def test_hunt_rows_carry_rule_id_and_name(tmp_path):
 def test_out_file_and_unknown_rule(tmp_path):
     state = tmp_path / "s"
     target = tmp_path / "report.csv"
-    out = rmmhunt("scan", str(FIXTURES / "files" / "dwservice.exe"), "--format", "csv", "--out", str(target),
-                  state=state)
+    out = rmmhunt(
+        "scan", str(FIXTURES / "files" / "dwservice.exe"), "--format", "csv", "--out", str(target), state=state
+    )
     assert out.returncode == 1 and out.stdout == ""
     assert DWSERVICE in target.read_text(encoding="utf-8")
     bad = rmmhunt("hunt", "--rule", "no-such-rule", state=state)
@@ -146,8 +152,6 @@ def test_missing_path_is_an_error(tmp_path):
     assert out.returncode == 2 and "no such file" in out.stderr
 
 
-
-
 def test_example_config_loads_and_excluded_rows_are_kept_and_flagged(tmp_path):
     """The shipped example config is valid as a whole; an exclusion flags rows without losing them."""
     from agent.settings import load_settings
@@ -156,14 +160,29 @@ def test_example_config_loads_and_excluded_rows_are_kept_and_flagged(tmp_path):
     assert settings.max_file_size == 268435456 and len(settings.exclusions) >= 5
     config = tmp_path / "agent.toml"
     config.write_text(
-        '[agent]\nreobserve_interval = 3600.0\n\n[[exclusions]]\nid = "lab-dws"\nexpression = \'signer has "DWSNET"\'\n',
+        "[agent]\nreobserve_interval = 3600.0\n\n"
+        '[[exclusions]]\nid = "lab-dws"\nexpression = \'signer has "DWSNET"\'\n',
         encoding="utf-8",
     )
     state = tmp_path / "s"
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "scan", str(FIXTURES / "files" / "dwservice.exe"), "--config", str(config),
-         "--state-dir", str(state), "--format", "json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "scan",
+            str(FIXTURES / "files" / "dwservice.exe"),
+            "--config",
+            str(config),
+            "--state-dir",
+            str(state),
+            "--format",
+            "json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr  # the only hit is excluded: no finding
     assert json.loads(out.stdout)["summary"]["excluded_hits"] >= 1

@@ -114,8 +114,15 @@ def test_permission_denied_is_a_status_when_unprivileged():
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
             with Store(tmp_path / "state.sqlite3") as store:
-                scanner = Scanner(store, Device("0" * 40, "host"), Matcher([]), None, max_file_size=1 << 20,
-                                  file_time_budget=10, reobserve_interval=60)
+                scanner = Scanner(
+                    store,
+                    Device("0" * 40, "host"),
+                    Matcher([]),
+                    None,
+                    max_file_size=1 << 20,
+                    file_time_budget=10,
+                    reobserve_interval=60,
+                )
                 stats = scanner.scan([str(tree)])
             os.write(write_end, json.dumps({"errors": stats.errors, "statuses": stats.statuses}).encode())
             code = 0
