@@ -42,7 +42,8 @@ from agent.schema import COLUMN_NAMES
 log = logging.getLogger(__name__)
 
 REFERENCE_ENV = "RMMHUNT_REFERENCE_DIR"
-DEFAULT_REFERENCE_DIR = Path("/work/shared/reference")
+# shared/ sits beside the checkout (as in CI); RMMHUNT_REFERENCE_DIR points elsewhere.
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 GENERIC_SIGNERS_FILE = "generic_signers.yaml"
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

@@ -20,7 +20,18 @@ from agent.settings import ConfigError, Settings, load_settings
 log = logging.getLogger("rmmhunt")
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-RESULT_COLUMNS = ("RuleId", "RuleName", "Tool", "DeviceId", "DeviceName", "FirstSeen", "LastSeen", "Report", "Count")
+RESULT_COLUMNS = (
+    "RuleId",
+    "RuleName",
+    "Tool",
+    "SharedWith",
+    "DeviceId",
+    "DeviceName",
+    "FirstSeen",
+    "LastSeen",
+    "Report",
+    "Count",
+)
 DRILL_COLUMNS = (
     "RuleId",
     "RuleName",
@@ -175,7 +186,16 @@ def _write(text: str, out: str | None) -> None:
 
 
 def _result_records(results: Sequence[Any]) -> list[dict[str, Any]]:
-    return [{"RuleId": r.rule.id, "RuleName": r.rule.name, "Tool": r.rule.tool, **r.result} for r in results]
+    return [
+        {
+            "RuleId": r.rule.id,
+            "RuleName": r.rule.name,
+            "Tool": r.rule.tool,
+            "SharedWith": list(r.rule.shared_with),
+            **r.result,
+        }
+        for r in results
+    ]
 
 
 def _drill_records(results: Sequence[Any]) -> list[dict[str, Any]]:
@@ -203,7 +223,9 @@ def _render_results(results: Sequence[Any], fmt: str, with_rows: bool) -> str:
     return render(records, fmt, columns=RESULT_COLUMNS)
 
 
-def _hunt(store: Any, rules: Sequence[Any], *, roots: Sequence[str] | None, include_excluded: bool) -> list[Any]:
+def _hunt(
+    store: Any, rules: Sequence[Any], *, roots: Sequence[str] | None, include_excluded: bool, exclusions: Sequence[Any]
+) -> list[Any]:
     from agent.hunt import per_rule_exclusions, run_hunt
 
     rows = store.iter_rows()
@@ -217,6 +239,7 @@ def _hunt(store: Any, rules: Sequence[Any], *, roots: Sequence[str] | None, incl
         now=dt.datetime.now(dt.UTC),
         include_excluded=include_excluded,
         excluded_for=None if include_excluded else per_rule_exclusions(store),
+        exclusions=exclusions,
     )
 
 
@@ -295,7 +318,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         finally:
             if progress:
                 progress.done()
-        results = _hunt(store, rules, roots=None if not args.paths else roots, include_excluded=False)
+        results = _hunt(
+            store, rules, roots=None if not args.paths else roots, include_excluded=False, exclusions=exclusions
+        )
     summary = stats.as_dict()
     sys.stderr.write(summary_text(summary, len(results)))
     for err in stats.errors[:20]:
@@ -325,8 +350,9 @@ def cmd_hunt(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"unknown rule id(s): {', '.join(sorted(unknown))}")
         rules = [r for r in rules if r.id in wanted]
+    exclusions = _load_exclusions(settings)
     with _open_store(settings) as store:
-        results = _hunt(store, rules, roots=None, include_excluded=args.include_excluded)
+        results = _hunt(store, rules, roots=None, include_excluded=args.include_excluded, exclusions=exclusions)
     _write(_render_results(results, args.format, args.rows), args.out)
     return EXIT_FINDINGS if results else EXIT_CLEAN
 

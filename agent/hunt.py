@@ -33,6 +33,17 @@ def _rows_behind(result: Mapping[str, Any], matched: Sequence[dict[str, Any]]) -
     return tuple(out)
 
 
+def _excluded(
+    row: Mapping[str, Any],
+    rule_id: str,
+    excluded_for: Mapping[tuple[str, int], set[str]] | None,
+    exclusions: Sequence[Any],
+) -> bool:
+    if excluded_for and rule_id in excluded_for.get((row["DeviceId"], row["ReportId"]), set()):
+        return True
+    return any(e.applies(row, rule_id) for e in exclusions)
+
+
 def run_hunt(
     rows: Iterable[dict[str, Any]],
     rules: Sequence[Rule],
@@ -40,11 +51,13 @@ def run_hunt(
     now: dt.datetime,
     include_excluded: bool = False,
     excluded_for: Mapping[tuple[str, int], set[str]] | None = None,
+    exclusions: Sequence[Any] = (),
 ) -> list[HuntResult]:
     """Evaluate every rule over the rows. Excluded rows are left out unless asked for.
 
-    ``excluded_for`` maps (DeviceId, ReportId) to the rule ids for which an exclusion
-    applies to that row (per-rule exclusions); a row flagged Excluded is out for all rules.
+    A row is out for a rule when it was flagged Excluded when stored, when ``excluded_for``
+    (DeviceId, ReportId) -> rule ids records a per-rule exclusion made when it was stored,
+    or when one of the ``exclusions`` in force now applies to it for that rule.
     """
     pool = [r for r in rows if include_excluded or not r.get("Excluded")]
     results: list[HuntResult] = []
@@ -52,19 +65,13 @@ def run_hunt(
         matched = []
         evidence_of: dict[int, list[dict[str, Any]]] = {}
         for row in pool:
-            if (
-                not include_excluded
-                and excluded_for
-                and rule.id in excluded_for.get((row["DeviceId"], row["ReportId"]), set())
-            ):
-                continue
             evidence = rule.query.filter_row(row, now=now)
-            if evidence is not None:
-                matched.append(row)
-                evidence_of[id(row)] = [
-                    {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
-                    for e in evidence
-                ]
+            if evidence is None or (not include_excluded and _excluded(row, rule.id, excluded_for, exclusions)):
+                continue
+            matched.append(row)
+            evidence_of[id(row)] = [
+                {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern} for e in evidence
+            ]
         if not matched:
             continue
         for result in rule.query.run(matched, now=now):

@@ -132,10 +132,15 @@ UNRELATED_PRODUCTS = (
     ("Advanced Technologies LLC", "setup.exe"),
 )
 
-needs_reference = pytest.mark.skipif(
-    not SENTINEL_DIR.is_dir() or not (REFERENCE / "lolrmm").is_dir(),
-    reason=f"reference folder {REFERENCE} not found (set RMMHUNT_REFERENCE_DIR)",
-)
+# The reference folder is part of every checkout's environment (shared/ beside the repo,
+# as CI has it). Its absence is a failure, never a skip that would hide the catalog checks.
+needs_reference = pytest.mark.usefixtures("reference_present")
+
+
+@pytest.fixture(scope="session")
+def reference_present() -> None:
+    if not SENTINEL_DIR.is_dir() or not (REFERENCE / "lolrmm").is_dir():
+        pytest.fail(f"reference folder {REFERENCE} not found (set RMMHUNT_REFERENCE_DIR)")
 
 
 def _yaml(path: Path) -> Any:
@@ -159,7 +164,7 @@ def plain_rules() -> tuple[Rule, ...]:
 @pytest.fixture(scope="module")
 def lolrmm() -> LolrmmCatalog:
     if not (REFERENCE / "lolrmm").is_dir():
-        pytest.skip(f"reference folder {REFERENCE} not found")
+        pytest.fail(f"reference folder {REFERENCE} not found (set RMMHUNT_REFERENCE_DIR)")
     return load_lolrmm(REFERENCE)
 
 

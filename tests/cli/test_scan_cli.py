@@ -208,3 +208,18 @@ def test_drill_down_rows_carry_their_evidence(tmp_path):
     (record,) = [json.loads(line) for line in out.stdout.splitlines()]
     signer_evidence = [e for e in record["Evidence"] if e["column"] == "Signer"]
     assert signer_evidence == [{"column": "Signer", "value": "DWSNET OÜ", "operator": "has", "pattern": "DWSNET OÜ"}]
+
+
+def test_exclusions_in_force_apply_to_a_later_hunt_and_shared_signers_say_so(tmp_path):
+    state = tmp_path / "s"
+    rmmhunt("scan", str(FIXTURES / "files" / "kaseya_pulseway.exe"), state=state)
+    out = rmmhunt("hunt", "--format", "json", state=state)
+    results = json.loads(out.stdout)
+    kaseya = next(r for r in results if r["Tool"] == "Kaseya")
+    assert "Pulseway" in kaseya["SharedWith"]  # the Kaseya signer is shared with Pulseway
+    config = tmp_path / "c.toml"
+    config.write_text('[[exclusions]]\nid = "kaseya-lab"\nexpression = \'signer has "Kaseya Holdings"\'\n')
+    quiet = rmmhunt("hunt", "--config", str(config), state=state)
+    assert quiet.returncode == 0 and "(none)" in quiet.stdout
+    loud = rmmhunt("hunt", "--config", str(config), "--include-excluded", state=state)
+    assert loud.returncode == 1

@@ -24,7 +24,7 @@ _FILE_SIGNATURE_BLOCK = re.compile(r"###\s*File Signature\s*\n```[^\n]*\n(.*?)``
 
 def require_reference() -> None:
     if not SENTINEL_DIR.is_dir():
-        pytest.skip(f"reference data not found at {REFERENCE}")
+        pytest.fail(f"reference data not found at {REFERENCE}: shared/ must sit beside the checkout")
 
 
 def markdown_queries() -> dict[str, str]:
