@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream, load_roots
-from agent.platform import SpecialFile, open_regular
+from agent.extract.authenticode import FileFacts, TrustVerifier, load_roots
 from agent.rows import Device, build_rows
+from agent.scanner import evidence_dict, examine_path
 from agent.settings import Settings
 
 
@@ -113,24 +113,14 @@ def explain_file(
     path: str, settings: Settings, rules: Sequence[Any], exclusions: Sequence[Any], device: Device
 ) -> Explanation:
     verifier = TrustVerifier(load_roots(settings.trusted_roots)) if settings.verify else None
-    try:
-        fd, st = open_regular(path)
-    except SpecialFile as exc:
-        facts = FileFacts("NOT_PE", "", 0, detail=f"{exc}: not read")
-    except FileNotFoundError as exc:
-        facts = FileFacts("VANISHED", "", 0, detail=exc.strerror or str(exc))
-    except OSError as exc:
-        facts = FileFacts("ACCESS_DENIED", "", 0, detail=exc.strerror or str(exc))
-    else:
-        if st.st_size > settings.max_file_size:
-            os.close(fd)
-            facts = FileFacts("TOO_LARGE", "", st.st_size, detail=f"{st.st_size} bytes > cap {settings.max_file_size}")
-        else:
-            with os.fdopen(fd, "rb") as stream:
-                try:
-                    facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=settings.file_time_budget)
-                except OSError as exc:
-                    facts = FileFacts("ACCESS_DENIED", "", st.st_size, detail=str(exc))
+    status, examined, detail, ident = examine_path(
+        path,
+        (0, 0, 0, 0),
+        verifier=verifier,
+        max_file_size=settings.max_file_size,
+        time_budget=settings.file_time_budget,
+    )
+    facts = examined if examined is not None else FileFacts(status, "", ident[2], detail=detail)
     now = dt.datetime.now(dt.UTC)
     rows = build_rows(facts, os.path.abspath(path), device, now, "scan")
     verdicts = []
@@ -151,10 +141,7 @@ def explain_file(
                     row["SignatureIndex"],
                     True,
                     "row filter holds",
-                    [
-                        {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
-                        for e in evidence
-                    ],
+                    [evidence_dict(e) for e in evidence],
                     excluded,
                 )
             )

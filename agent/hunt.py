@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.rules.loader import Rule
+from agent.scanner import evidence_dict
 from agent.store import Store
 
 
@@ -69,9 +70,7 @@ def run_hunt(
             if evidence is None or (not include_excluded and _excluded(row, rule.id, excluded_for, exclusions)):
                 continue
             matched.append(row)
-            evidence_of[id(row)] = [
-                {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern} for e in evidence
-            ]
+            evidence_of[id(row)] = [evidence_dict(e) for e in evidence]
         if not matched:
             continue
         for result in rule.query.run(matched, now=now):

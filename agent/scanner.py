@@ -8,6 +8,7 @@ once per ``reobserve_interval``.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import time
@@ -102,12 +103,52 @@ class Matcher:
                 if exclusion.applies(row, rule.id):
                     excl = exclusion.id
                     break
-            out.append((rule, [_evidence_dict(e) for e in evidence], excl))
+            out.append((rule, [evidence_dict(e) for e in evidence], excl))
         return out
 
 
-def _evidence_dict(e: Any) -> dict[str, Any]:
+def evidence_dict(e: Any) -> dict[str, Any]:
+    """One Evidence as plain data: the column, its value, the operator and the pattern."""
     return {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
+
+
+def examine_path(
+    path: str,
+    ident: tuple[int, int, int, int],
+    *,
+    verifier: TrustVerifier | None,
+    max_file_size: int,
+    time_budget: float,
+) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
+    """(status, facts or None, detail, (st_dev, st_ino, size, mtime_ns)) for one path.
+    Opens without blocking or following a final symlink; never raises for the file's sake."""
+    try:
+        fd, st = open_regular(path)
+    except SpecialFile as exc:
+        return "NOT_PE", None, f"{exc}: not read", ident
+    except OSError as exc:
+        vanished = isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOENT, errno.ENOTDIR)
+        return ("VANISHED" if vanished else "ACCESS_DENIED"), None, exc.strerror or str(exc), ident
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
+        # Most files are not PE: decide from the first bytes before building a file object.
+        # The size cap applies to PE/MSI candidates; a huge archive is simply NOT_PE.
+        if classify(os.read(fd, HEADER_BYTES)) is None:
+            return "NOT_PE", None, "", ident
+        if st.st_size > max_file_size:
+            return "TOO_LARGE", None, f"{st.st_size} bytes > cap {max_file_size}", ident
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
+            fd = -1
+            facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=time_budget)
+        return facts.status, facts, facts.detail, ident
+    except FileNotFoundError as exc:
+        return "VANISHED", None, str(exc), ident
+    except OSError as exc:
+        return "ACCESS_DENIED", None, f"read failed: {exc.strerror or exc}", ident
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 class Scanner:
@@ -144,36 +185,13 @@ class Scanner:
 
     # --- one file
     def _examine(self, item: WalkItem) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
-        """(status, facts, detail, identity) for one regular file; opens it without blocking."""
-        ident = (item.st_dev, item.st_ino, item.size, item.mtime_ns)
-        try:
-            fd, st = open_regular(item.path)
-        except SpecialFile as exc:
-            return "NOT_PE", None, f"{exc}: not read", ident
-        except FileNotFoundError as exc:
-            return "VANISHED", None, exc.strerror or str(exc), ident
-        except OSError as exc:
-            return ("VANISHED" if exc.errno in (2, 20) else "ACCESS_DENIED"), None, exc.strerror or str(exc), ident
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        try:
-            # Most files are not PE: decide from the first bytes before building a file object.
-            # The size cap applies to PE/MSI candidates; a huge archive is simply NOT_PE.
-            if classify(os.read(fd, HEADER_BYTES)) is None:
-                return "NOT_PE", None, "", ident
-            if st.st_size > self.max_file_size:
-                return "TOO_LARGE", None, f"{st.st_size} bytes > cap {self.max_file_size}", ident
-            os.lseek(fd, 0, os.SEEK_SET)
-            with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
-                fd = -1
-                facts = extract_stream(stream, st.st_size, verifier=self.verifier, time_budget=self.file_time_budget)
-            return facts.status, facts, facts.detail, ident
-        except FileNotFoundError as exc:
-            return "VANISHED", None, str(exc), ident
-        except OSError as exc:
-            return "ACCESS_DENIED", None, f"read failed: {exc.strerror or exc}", ident
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        return examine_path(
+            item.path,
+            (item.st_dev, item.st_ino, item.size, item.mtime_ns),
+            verifier=self.verifier,
+            max_file_size=self.max_file_size,
+            time_budget=self.file_time_budget,
+        )
 
     def observe(
         self, item: WalkItem, stats: ScanStats, *, process: ProcessContext | None = None, force: bool = False

@@ -223,3 +223,14 @@ def test_exclusions_in_force_apply_to_a_later_hunt_and_shared_signers_say_so(tmp
     assert quiet.returncode == 0 and "(none)" in quiet.stdout
     loud = rmmhunt("hunt", "--config", str(config), "--include-excluded", state=state)
     assert loud.returncode == 1
+
+
+def test_explain_never_blocks_or_crashes_on_odd_paths(tmp_path):
+    fifo = tmp_path / "pipe.exe"
+    os.mkfifo(fifo)
+    out = rmmhunt("explain", str(fifo), "--format", "json", state=tmp_path / "s", timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)["status"] == "NOT_PE"
+    gone = rmmhunt("explain", str(tmp_path / "gone.exe"), "--format", "json", state=tmp_path / "s")
+    assert gone.returncode == 0 and json.loads(gone.stdout)["status"] == "VANISHED"
+    text = rmmhunt("explain", str(FIXTURES / "files" / "truncated_certtable.exe"), state=tmp_path / "s")
+    assert text.returncode == 0 and "PARSE_ERROR" in text.stdout and "no rule can fire" in text.stdout
