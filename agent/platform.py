@@ -187,6 +187,7 @@ def lower_priority() -> None:
         else:
             proc.nice(min(19, proc.nice() + 10))
             if hasattr(proc, "ionice"):
-                proc.ionice(psutil.IOPRIO_CLASS_IDLE)
+                # lowest best-effort class, not IDLE: idle I/O can starve a scan on a busy disk
+                proc.ionice(psutil.IOPRIO_CLASS_BE, value=7)
     except Exception as exc:  # priority is best effort: never fatal
         log.debug("could not lower priority: %s", exc)

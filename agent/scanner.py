@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
@@ -197,7 +197,6 @@ class Scanner:
         self, item: WalkItem, stats: ScanStats, *, process: ProcessContext | None = None, force: bool = False
     ) -> list[dict[str, Any]]:
         """Take one walked item to its final status; store rows and hits. Returns the new rows."""
-        now = self.clock()
         stats.files += 1
         if item.status:  # the walk already knows (special file, stat failed)
             self._record(stats, item.path, item.status, item.detail, "")
@@ -206,15 +205,19 @@ class Scanner:
         if cached is not None and not force and cached.same_file(item.st_dev, item.st_ino, item.size, item.mtime_ns):
             stats.unchanged += 1
             self._record(stats, item.path, cached.status, "", cached.kind)
-            if not cached.facts or not self._due(cached, now):
+            if not cached.facts:
                 return []
-            self._remember(item.path, replace(cached, last_emitted=now.isoformat()))
+            now = self.clock()
+            if not self._due(cached, now):
+                return []
+            self._remember(item.path, cached._replace(last_emitted=now.isoformat()))
             return self._emit(facts_from_json(cached.facts), item.path, now, stats, process)
         stats.parsed += 1
         status, facts, detail, ident = self._examine(item)
         kind = facts.kind if facts is not None else ""
         self._record(stats, item.path, status, detail, kind)
         signed = facts is not None and status == "OK"
+        now = self.clock()
         if status not in ("ACCESS_DENIED", "VANISHED", "TIMEOUT"):  # worth another try next time
             self._remember(
                 item.path,

@@ -12,9 +12,8 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.extract.authenticode import FileFacts, SignatureFacts
 from agent.extract.certinfo import CertIdentity
@@ -46,8 +45,7 @@ CREATE TABLE IF NOT EXISTS file_cache (
 """
 
 
-@dataclass(frozen=True)
-class CacheEntry:
+class CacheEntry(NamedTuple):  # a tuple: hundreds of thousands are loaded at scan start
     st_dev: int
     st_ino: int
     size: int
@@ -229,7 +227,7 @@ class Store:
             "WHERE device_id=?",
             (device_id,),
         )
-        return {row[0]: CacheEntry(*row[1:]) for row in cur}
+        return {row[0]: CacheEntry._make(row[1:]) for row in cur}
 
     def put_cache(self, device_id: str, entries: Iterable[tuple[str, CacheEntry]]) -> None:
         self.db.executemany(

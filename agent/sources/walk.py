@@ -9,14 +9,14 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.platform import special_kind
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WalkItem:
+class WalkItem(NamedTuple):  # a tuple: one per walked file, so cheap to build
     """A regular file to examine (``status`` empty), or a final status for a path."""
 
     path: str
