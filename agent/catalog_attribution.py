@@ -33,8 +33,10 @@ from typing import Any
 
 import yaml
 
-from agent.extract.certinfo import parse_certificate
+from agent.extract.authenticode import FileFacts, SignatureFacts
+from agent.extract.certinfo import CertIdentity, parse_certificate
 from agent.resources import config_dir, rule_attribution_file, shipped_rules_dir
+from agent.rows import Device, build_rows
 from agent.rules.loader import Rule, RuleSet, load_rules
 from agent.rules.terms import term_key
 from agent.schema import COLUMN_NAMES
@@ -163,6 +165,7 @@ class LolrmmCertificate:
     crl_urls: tuple[str, ...]
     file_company: str
     sources: tuple[str, ...]  # reference files it came from
+    identity: CertIdentity  # what parse_certificate() derived from the DER
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ def parse_lolrmm(
                 crl_urls=identity.crl_urls,
                 file_company=slot["co"],
                 sources=tuple(slot["sources"]),
+                identity=identity,
             )
         )
     file_names = {tool: tuple(sorted(values, key=str.lower)) for tool, values in sorted(names.items())}
@@ -424,21 +428,24 @@ def signer_row(signer: str, *, now: datetime, file_name: str = "", report_id: in
 
 
 def certificate_row(cert: LolrmmCertificate, *, now: datetime, file_name: str = "", report_id: int = 0) -> dict:
-    """The row the extractor would emit for a file signed with this certificate."""
-    row = _blank_row(now)
-    row.update(
-        Signer=cert.signer,
-        SignerHash=cert.sha1,
-        Issuer=cert.issuer,
-        CertificateSerialNumber=cert.serial_number,
-        CrlDistributionPointUrls=json.dumps(list(cert.crl_urls)),
-        CertificateCreationTime=cert.not_before,
-        CertificateExpirationTime=cert.not_after,
-        SignerSubject=cert.subject,
-        IssuerSubject=cert.issuer_subject,
-        FileName=file_name,
-        ReportId=report_id,
+    """The row the extractor would emit for a file signed with this certificate: built by the
+    same ``build_rows`` the scanner uses, from the certificate's parsed identity."""
+    signature = SignatureFacts(
+        index=0,
+        signer=cert.identity,
+        issuer_hash="",
+        program_name="",
+        countersignature_time=None,
+        digest_algorithm="sha256",
+        digest_valid=None,
+        verification_status="NOT_VERIFIED",
+        verification_error="",
+        is_trusted=False,
+        is_root_microsoft=False,
     )
+    facts = FileFacts("OK", "PE", 0, signatures=(signature,))
+    (row,) = build_rows(facts, file_name, Device(DUMMY_DEVICE_ID, DUMMY_DEVICE_NAME), now, "scan")
+    row["ReportId"] = report_id
     return row
 
 
