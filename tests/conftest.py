@@ -24,10 +24,19 @@ def fixture_entry(name: str) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_threads():
-    """Guard: a test must not leave threads running behind it."""
+def no_leaked_threads_or_processes():
+    """Guard: a test must not leave threads or child processes running behind it."""
+    import psutil
+
+    me = psutil.Process()
+    children_before = {c.pid for c in me.children(recursive=True)}
     before = set(threading.enumerate())
     yield
+    new_children = [c for c in me.children(recursive=True) if c.pid not in children_before]
+    _gone, alive = psutil.wait_procs(new_children, timeout=5)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"test leaked child processes: {[p.pid for p in alive]}"
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     for t in leaked:
         t.join(timeout=5)
