@@ -6,12 +6,10 @@ import datetime as dt
 import json
 import ntpath
 import posixpath
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.extract.authenticode import FileFacts
-from agent.schema import COLUMN_NAMES
 
 
 @dataclass(frozen=True)
@@ -85,16 +83,3 @@ def build_rows(
         rows.append(row)
     return rows
 
-
-def to_jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Row with datetimes as ISO 8601 UTC strings, in schema column order."""
-    out: dict[str, Any] = {}
-    for name in COLUMN_NAMES:
-        value = row.get(name)
-        if isinstance(value, dt.datetime):
-            value = value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-        out[name] = value
-    for name, value in row.items():  # extra keys such as RuleId/RuleName/Evidence
-        if name not in out:
-            out[name] = value.isoformat() if isinstance(value, dt.datetime) else value
-    return out
