@@ -226,7 +226,7 @@ def _render_results(results: Sequence[Any], fmt: str, with_rows: bool) -> str:
 def _hunt(
     store: Any, rules: Sequence[Any], *, roots: Sequence[str] | None, include_excluded: bool, exclusions: Sequence[Any]
 ) -> list[Any]:
-    from agent.hunt import per_rule_exclusions, run_hunt
+    from agent.hunt import run_hunt
 
     rows = store.iter_rows()
     if roots is not None:
@@ -238,7 +238,7 @@ def _hunt(
         rules,
         now=dt.datetime.now(dt.UTC),
         include_excluded=include_excluded,
-        excluded_for=None if include_excluded else per_rule_exclusions(store),
+        excluded_for=None if include_excluded else store.excluded_hits(),
         exclusions=exclusions,
     )
 

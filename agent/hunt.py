@@ -9,7 +9,6 @@ from typing import Any
 
 from agent.rules.loader import Rule
 from agent.scanner import evidence_dict
-from agent.store import Store
 
 
 @dataclass(frozen=True)
@@ -77,12 +76,3 @@ def run_hunt(
             behind = tuple({**row, "Evidence": evidence_of[id(row)]} for row in _rows_behind(result, matched))
             results.append(HuntResult(rule, result, behind))
     return results
-
-
-def per_rule_exclusions(store: Store) -> dict[tuple[str, int], set[str]]:
-    """(DeviceId, ReportId) -> rule ids whose hit on that row was excluded."""
-    out: dict[tuple[str, int], set[str]] = {}
-    cur = store.db.execute("SELECT device_id, report_id, rule_id FROM hits WHERE excluded_by IS NOT NULL")
-    for device_id, report_id, rule_id in cur:
-        out.setdefault((device_id, report_id), set()).add(rule_id)
-    return out

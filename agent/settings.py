@@ -45,15 +45,10 @@ class Settings:
 
 #: keys accepted in the config file's [agent] table (paths are resolved against the file)
 CONFIG_KEYS = {f.name for f in fields(Settings)} - {"config_file", "exclusions"}
-PATH_KEYS = {"state_dir", "rules_dirs", "trusted_roots"}
 
 
 class ConfigError(Exception):
     """A bad config file: names the file and the problem; fatal at start."""
-
-
-def option_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(Settings)}
 
 
 def _coerce(name: str, value: Any, base: Path) -> Any:

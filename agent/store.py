@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -191,15 +191,6 @@ class Store:
         for values in self.db.execute(sql, tuple(params)):
             yield {c: _from_sql(c, v) for c, v in zip(COLUMN_NAMES, values, strict=True)}
 
-    def row_count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM cert_rows").fetchone()[0])
-
-    def set_excluded(self, device_id: str, report_id: int, exclusion_id: str | None) -> None:
-        self.db.execute(
-            'UPDATE cert_rows SET "Excluded"=?, "ExclusionId"=? WHERE "DeviceId"=? AND "ReportId"=?',
-            (int(exclusion_id is not None), exclusion_id, device_id, report_id),
-        )
-
     # --- hits
     def insert_hits(self, hits: Iterable[tuple[str, int, str, str, list[dict[str, Any]], str | None]]) -> None:
         """(DeviceId, ReportId, RuleId, RuleName, evidence, excluded_by exclusion id or None)."""
@@ -212,13 +203,13 @@ class Store:
             ],
         )
 
-    def hits_for(self, device_id: str, report_id: int) -> list[dict[str, Any]]:
-        cur = self.db.execute(
-            "SELECT rule_id, rule_name, evidence, excluded_by FROM hits WHERE device_id=? AND report_id=? "
-            "ORDER BY rule_id",
-            (device_id, report_id),
-        )
-        return [{"RuleId": r, "RuleName": n, "Evidence": json.loads(e), "ExcludedBy": x} for r, n, e, x in cur]
+    def excluded_hits(self) -> dict[tuple[str, int], set[str]]:
+        """(DeviceId, ReportId) -> rule ids whose hit on that row an exclusion removed when stored."""
+        out: dict[tuple[str, int], set[str]] = {}
+        cur = self.db.execute("SELECT device_id, report_id, rule_id FROM hits WHERE excluded_by IS NOT NULL")
+        for device_id, report_id, rule_id in cur:
+            out.setdefault((device_id, report_id), set()).add(rule_id)
+        return out
 
     # --- file cache
     def load_cache(self, device_id: str) -> dict[str, CacheEntry]:
@@ -238,6 +229,3 @@ class Store:
                 for path, e in entries
             ],
         )
-
-    def meta(self) -> Mapping[str, str]:
-        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+# Importing this module runs agent/extract/__init__.py first, which installs the oscrypto
+# fix; only then are the signify imports below executed.
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
 from signify.authenticode.signed_file.msi import SignedMsiFile
 from signify.authenticode.signed_file.pe import SignedPEFile
@@ -25,7 +27,6 @@ from signify.exceptions import SignifyError
 from signify.x509 import Certificate, CertificateStore, VerificationContext
 from signify.x509.context import CombinedCertificateStore
 
-import agent.extract  # noqa: F401  (installs the oscrypto fix before signify is imported)
 from agent.compat import signify_speedups
 from agent.extract import sniff
 from agent.extract.certinfo import CertIdentity, parse_certificate

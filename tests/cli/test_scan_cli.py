@@ -234,3 +234,18 @@ def test_explain_never_blocks_or_crashes_on_odd_paths(tmp_path):
     assert gone.returncode == 0 and json.loads(gone.stdout)["status"] == "VANISHED"
     text = rmmhunt("explain", str(FIXTURES / "files" / "truncated_certtable.exe"), state=tmp_path / "s")
     assert text.returncode == 0 and "PARSE_ERROR" in text.stdout and "no rule can fire" in text.stdout
+
+
+def test_a_per_rule_exclusion_recorded_at_scan_time_holds_for_later_hunts(tmp_path):
+    kaseya_rule = "732033dd-039b-426e-844f-1de2a67362fa"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[exclusions]]\nid = "k"\nrules = ["{kaseya_rule}"]\nexpression = \'signer has "Kaseya"\'\n')
+    state = tmp_path / "s"
+    scan = rmmhunt("scan", str(FIXTURES / "files" / "kaseya_pulseway.exe"), "--config", str(config), state=state)
+    assert scan.returncode == 1  # the Pulseway rule still fires
+    hunt = json.loads(rmmhunt("hunt", "--format", "json", state=state).stdout)  # no config this time
+    assert {r["Tool"] for r in hunt} == {"Pulseway"}
+    rows = json.loads(rmmhunt("rows", "--excluded", "--format", "json", state=state).stdout)
+    assert rows == []  # excluded for one rule only: the row itself is not flagged
+    everything = json.loads(rmmhunt("hunt", "--include-excluded", "--format", "json", state=state).stdout)
+    assert {r["Tool"] for r in everything} == {"Kaseya", "Pulseway"}
