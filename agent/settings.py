@@ -592,6 +592,7 @@ class _Layer:
     values: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    exclusion_problems: list[str] = field(default_factory=list)
     exclusions: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -636,7 +637,9 @@ def _read_config(path: Path, text: str) -> _Layer:
                 layer.origins[opt.name] = f"file:{where(name, key)}"
         elif name == "exclusions":
             if not isinstance(content, list) or not all(isinstance(e, dict) for e in content):
-                layer.problems.append(f"{where(name)}: exclusions: expected [[exclusions]] tables")
+                # parse_exclusions reports the details; kept apart so that a checker running both
+                # (rules check, config check) does not report it twice
+                layer.exclusion_problems.append(f"{where(name)}: exclusions: expected [[exclusions]] tables")
                 continue
             layer.exclusions = tuple(content)
             layer.origins["exclusions"] = f"file:{where(name)}"
@@ -669,9 +672,11 @@ def _load_config_file(path: Path) -> _Layer:
 
 def validate_config_file(path: str | os.PathLike[str]) -> list[str]:
     """Every problem with the settings in a config file, one ``FILE:LINE: key: message`` each
-    (empty: valid). Checks the [agent] and [collector] tables, unknown tables and keys, and the
-    shape of [[exclusions]]; the exclusion expressions themselves are checked by
-    ``agent.exclusions.parse_exclusions``. Reads the file and any certificate files it names."""
+    (empty: valid): TOML syntax, the [agent] and [collector] tables (unknown keys, every value
+    by its declared type and range, certificate files that exist and parse) and unknown tables.
+    [[exclusions]] (shape and expressions) is left to ``agent.exclusions.parse_exclusions``, so a
+    checker may run both without reporting a problem twice. Reads the file and the certificate
+    files it names; never raises."""
     return _load_config_file(Path(path)).problems
 
 
@@ -680,10 +685,14 @@ def validate_config_file(path: str | os.PathLike[str]) -> list[str]:
 _UNSET: Any = object()
 
 
-def _config_path(
-    config_file: str | None, env: Mapping[str, str], default: Path | None
+def locate_config_file(
+    config_file: str | None, env: Mapping[str, str] | None = None, default: Path | None = _UNSET
 ) -> tuple[Path | None, str, bool]:
-    """(path, origin, explicit) of the config file to read."""
+    """(path, origin, explicit) of the config file to read: ``--config``, else RMMHUNT_CONFIG,
+    else the platform default path (or ``default``) when it exists; (None, "default", False) if none."""
+    env = os.environ if env is None else env
+    if default is _UNSET:
+        default = platform.default_config_file()
     if config_file:
         return Path(config_file), "flag", True
     if env.get(CONFIG_ENV):
@@ -709,20 +718,18 @@ def load_settings(
     file that is missing is an error; an unreadable default one is skipped with a warning.
     Raises ConfigError naming the first problem (``.problems`` holds them all)."""
     env = os.environ if env is None else env
-    if default_config_file is _UNSET:
-        default_config_file = platform.default_config_file()
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     problems: list[str] = []
     exclusions: tuple[Mapping[str, Any], ...] = ()
 
-    path, path_origin, explicit = _config_path(config_file, env, default_config_file)
+    path, path_origin, explicit = locate_config_file(config_file, env, default_config_file)
     if path is not None:
         if not explicit and not os.access(path, os.R_OK):
             log.warning("cannot read the default config file %s; using the defaults", path)
         else:
             layer = _load_config_file(path)
-            problems += layer.problems
+            problems += layer.problems + layer.exclusion_problems
             values.update(layer.values)
             origins.update(layer.origins)
             exclusions = layer.exclusions
