@@ -268,7 +268,7 @@ def test_precedence_default_file_env_flag_with_origins(tmp_path: Path):
     ("name", "value", "message"),
     [
         ("RMMHUNT_VERIFY", "maybe", 'env:RMMHUNT_VERIFY: verify: expected true or false, got string "maybe"'),
-        ("RMMHUNT_MAX_FILE_SIZE", "big", 'env:RMMHUNT_MAX_FILE_SIZE: max_file_size: expected an integer (bytes)'),
+        ("RMMHUNT_MAX_FILE_SIZE", "big", "env:RMMHUNT_MAX_FILE_SIZE: max_file_size: expected an integer (bytes)"),
         ("RMMHUNT_FILE_TIME_BUDGET", "-1", "env:RMMHUNT_FILE_TIME_BUDGET: file_time_budget: must be >= 0.001"),
         ("RMMHUNT_COLLECTOR_FORWARD", "everything", "env:RMMHUNT_COLLECTOR_FORWARD: collector_forward: expected one"),
     ],
