@@ -90,7 +90,7 @@ def show_records(settings: Settings) -> list[dict[str, Any]]:
             "Name": opt.name,
             "Value": _plain(opt, value),
             "Source": origin,
-            "Default": _plain(opt, opt.default),
+            "Default": _plain(opt, platform.default_state_dir() if opt.name == "state_dir" else opt.default),
             "Type": opt.describe(),
             "Env": opt.env,
             "Help": opt.help,

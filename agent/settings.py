@@ -14,7 +14,6 @@ one is a ``ConfigError`` that names ``FILE:LINE: key: message`` (or ``env:NAME: 
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -653,6 +652,8 @@ def _read_config(path: Path, text: str) -> _Layer:
 
 
 def _unknown_key(table: str, key: str) -> str:
+    import difflib
+
     known = sorted(k for t, k in OPTIONS_BY_KEY if t == table)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]!r}?" if close else "run 'rmmhunt config show' for the valid keys"
