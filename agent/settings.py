@@ -36,8 +36,6 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 DAY = 24 * 3600.0
 
-#: the TOML tables the config file may hold
-TABLES = ("agent", "collector", "exclusions")
 CONFIG_ENV = "RMMHUNT_CONFIG"
 #: a trusted-roots or CA file larger than this is not a certificate file
 MAX_CERT_FILE_SIZE = 16 * MiB
@@ -444,7 +442,12 @@ def _path(raw: Any, base: Path | None) -> Path:
         raise _Bad("empty path")
     if "\x00" in raw:
         raise _Bad("a path must not contain a NUL character")
-    return (base / raw).resolve() if base is not None else Path(raw)
+    if base is None:
+        return Path(raw)
+    try:
+        return (base / raw).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: keep the path as written
+        return base / raw
 
 
 def _convert(opt: Option, raw: Any, base: Path | None) -> Any:

@@ -57,7 +57,7 @@ def test_scan_with_a_bad_config_value_exits_2_with_one_line(cli, tmp_path: Path,
     (tmp_path / "garbage.pem").write_bytes(b"\x30\x82\xff\xffnot DER at all")
     config = tmp_path / "bad.toml"
     config.write_text(f"# test\n[agent]\n{line}\n", encoding="utf-8")
-    out = cli("scan", "--config", str(config), str(PULSEWAY_EXE), state=tmp_path / "s")
+    out = cli("scan", "--config", str(config), str(FIXTURES / "files"), state=tmp_path / "s")
     assert out.returncode == 2, out
     assert out.stdout == ""
     assert out.stderr.startswith(f"rmmhunt: error: {config}:3: {message}"), out.stderr
