@@ -76,15 +76,15 @@ def test_the_console_script_refuses_a_bad_config_in_one_line(tmp_path: Path):
     assert out.stderr.count("\n") == 1, out.stderr
 
 
-def test_a_missing_explicit_config_is_an_error_and_the_env_variable_names_one(tmp_path: Path):
-    out = run("scan", "--config", str(tmp_path / "nope.toml"), str(PULSEWAY_EXE), state=tmp_path / "s")
+def test_a_missing_explicit_config_is_an_error_and_the_env_variable_names_one(cli, tmp_path: Path):
+    out = cli("scan", "--config", str(tmp_path / "nope.toml"), str(PULSEWAY_EXE), state=tmp_path / "s")
     assert (
         out.returncode == 2
         and out.stderr == f"rmmhunt: error: {tmp_path / 'nope.toml'}: cannot read: No such file or directory\n"
     )
     config = tmp_path / "env.toml"
     config.write_text('[agent]\nverify = "no"\n', encoding="utf-8")
-    out = run("hunt", state=tmp_path / "s", env={"RMMHUNT_CONFIG": str(config)})
+    out = cli("hunt", state=tmp_path / "s", env={"RMMHUNT_CONFIG": str(config)})
     assert out.returncode == 2 and out.stderr.startswith(f"rmmhunt: error: {config}:2: verify: "), out.stderr
 
 
@@ -135,20 +135,20 @@ def test_config_show_lists_every_setting_with_its_source(cli, tmp_path: Path):
     assert "largest Authenticode certificate table" in words and "env RMMHUNT_MAX_CERT_TABLE_SIZE" in words
 
 
-def test_config_show_reads_the_config_named_by_the_environment(tmp_path: Path):
+def test_config_show_reads_the_config_named_by_the_environment(cli, tmp_path: Path):
     config = tmp_path / "env.toml"
     config.write_text("[agent]\n\nlock_timeout = 5\n", encoding="utf-8")
-    out = run("config", "show", "--format", "json", state=tmp_path / "s", env={"RMMHUNT_CONFIG": str(config)})
+    out = cli("config", "show", "--format", "json", state=tmp_path / "s", env={"RMMHUNT_CONFIG": str(config)})
     payload = json.loads(out.stdout)
     assert payload["summary"]["ConfigSource"] == "env:RMMHUNT_CONFIG"
     lock = next(r for r in payload["results"] if r["Setting"] == "lock_timeout")
     assert lock["Value"] == 5.0 and lock["Source"] == f"file:{config}:3"
 
 
-def test_config_check_validates_without_running(tmp_path: Path):
+def test_config_check_validates_without_running(cli, tmp_path: Path):
     good = tmp_path / "good.toml"
     good.write_text('[agent]\nverify = false\n[collector]\nforward = "all"\n', encoding="utf-8")
-    out = run("config", "check", str(good), state=tmp_path / "s")
+    out = cli("config", "check", str(good), state=tmp_path / "s")
     assert out.returncode == 0 and out.stdout == "" and out.stderr == f"{good}: ok\n"
     assert not (tmp_path / "s").exists()
 
@@ -158,7 +158,7 @@ def test_config_check_validates_without_running(tmp_path: Path):
         "[[exclusions]]\nid = 'e1'\nexpression = 'no.such.field == \"x\"'\n",
         encoding="utf-8",
     )
-    out = run("config", "check", str(bad), state=tmp_path / "s")
+    out = cli("config", "check", str(bad), state=tmp_path / "s")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     problems = out.stdout.splitlines()
     assert [p.split(": ")[0] for p in problems[:3]] == [f"{bad}:2", f"{bad}:3", f"{bad}:6"]
@@ -167,6 +167,6 @@ def test_config_check_validates_without_running(tmp_path: Path):
     assert out.stderr == f"{bad}: 4 problem(s)\n"
 
     # the example config is valid as a whole; with no FILE, the config in effect is checked
-    assert run("config", "check", str(ROOT / "config" / "agent.example.toml"), state=tmp_path / "s").returncode == 0
-    out = run("config", "check", state=tmp_path / "s", env={"RMMHUNT_CONFIG": str(bad)})
+    assert cli("config", "check", str(ROOT / "config" / "agent.example.toml"), state=tmp_path / "s").returncode == 0
+    out = cli("config", "check", state=tmp_path / "s", env={"RMMHUNT_CONFIG": str(bad)})
     assert out.returncode == 2 and len(out.stdout.splitlines()) == 4
