@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import __version__
+from agent import __version__, config_cli
 from agent.output import FORMATS, plain, render
 from agent.settings import ConfigError, Settings, load_settings
 
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser("check", help="validate rule files (and the config's exclusions)")
     _global_options(rc, suppress=True)
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
+    config_cli.add_parser(sub, _global_options)
     return parser
 
 
@@ -402,6 +403,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
+COMMANDS["config"] = config_cli.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

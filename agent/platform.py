@@ -191,3 +191,10 @@ def lower_priority() -> None:
                 proc.ionice(psutil.IOPRIO_CLASS_BE, value=7)
     except Exception as exc:  # priority is best effort: never fatal
         log.debug("could not lower priority: %s", exc)
+
+
+def default_config_file() -> Path:
+    """The agent's config file when neither --config nor RMMHUNT_CONFIG names one (read if it exists)."""
+    if IS_WINDOWS:
+        return Path(os.environ.get("PROGRAMDATA", r"C:\ProgramData")) / "rmmhunt" / "agent.toml"
+    return Path("/etc/rmmhunt/agent.toml")
