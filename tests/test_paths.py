@@ -414,3 +414,27 @@ def test_not_verified_means_none_not_false(tmp_path):
         (row,) = list(store.iter_rows())
     assert row["VerificationStatus"] == "NOT_VERIFIED"
     assert row["IsTrusted"] is None and row["DigestValid"] is None
+
+
+def test_the_path_based_walk_for_windows_gives_the_same_items(tmp_path, hostile_tree, monkeypatch):
+    """Windows has no dir_fd: the walk lists and opens by path. Both ways yield the same files
+    (short of the path past PATH_MAX, which only the relative walk reaches on Linux)."""
+    from agent.sources import walk
+
+    root = hostile_tree.root
+    (root / "loopdir").mkdir()
+    os.symlink("..", root / "loopdir" / "up")
+    shutil.copy(RMM_FIXTURE, root / "plain.exe")
+    os.symlink("plain.exe", root / "link.exe")
+
+    def items(relative: bool) -> set[tuple[str, str, str]]:
+        monkeypatch.setattr(walk, "RELATIVE_OPEN", relative)
+        return {(i.path, i.status, i.detail) for i in walk.iter_files([str(root)], follow_symlinks=True)}
+
+    by_fd, by_path = items(True), items(False)
+    long_file = os.fsdecode(hostile_tree.long_path)
+    assert by_fd - by_path == {(long_file, "", "")} | {
+        (os.path.join(os.path.dirname(long_file), "plain \udcff beside.txt"), "", "")
+    }
+    assert by_path <= by_fd
+    assert (str(root / "link.exe"), "", "") in by_fd
