@@ -293,7 +293,8 @@ class Scanner:
         if has_signers and facts is not None:
             key = (path, facts.sha256)
             stats.current.add(key)
-            self._returned.add(key)
+            if self._outcomes is not None:  # in a scan: no longer gone, if it was
+                self._returned.add(key)
             previous = self._previous.get(path)
             if previous and facts.sha256 and previous != facts.sha256:
                 self._outcome(path, _CHANGED)

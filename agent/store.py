@@ -277,11 +277,16 @@ class Store:
         )
 
     def gone_map(self, device_id: str) -> dict[tuple[str, str], dt.datetime]:
-        """(FolderPath, SHA256) -> when the file was found gone, for files not back since.
-        Works on a read-only store (no table yet: nothing is gone)."""
+        """(FolderPath, SHA256) -> when the file was found gone, for files not back since (no
+        row of it at or after that time). Works on a read-only store (no table: nothing gone)."""
         if not self._has_table("gone_files"):
             return {}
-        cur = self.db.execute("SELECT path, sha256, gone_at FROM gone_files WHERE device_id=?", (device_id,))
+        cur = self.db.execute(
+            "SELECT g.path, g.sha256, g.gone_at FROM gone_files g WHERE g.device_id=? AND NOT EXISTS ("
+            'SELECT 1 FROM cert_rows r WHERE r."DeviceId"=g.device_id AND r."FolderPath"=g.path '
+            'AND r."SHA256"=g.sha256 AND r."Timestamp">=g.gone_at)',  # seen again since (e.g. by watch)
+            (device_id,),
+        )
         return {(from_db(p), sha): dt.datetime.fromisoformat(at) for p, sha, at in cur}
 
     def _has_table(self, name: str) -> bool:

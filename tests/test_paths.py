@@ -438,3 +438,22 @@ def test_the_path_based_walk_for_windows_gives_the_same_items(tmp_path, hostile_
     }
     assert by_path <= by_fd
     assert (str(root / "link.exe"), "", "") in by_fd
+
+
+def test_a_gone_file_seen_again_outside_a_scan_is_not_gone(tmp_path, rmm_tree):
+    """watch and process sweeps observe files one by one: a row newer than gone_at means back."""
+    target = rmm_tree / "sub" / "agent.exe"
+    clock = Clock()
+    with Store(tmp_path / "db.sqlite3") as store:
+        _scanner(store, clock).scan([str(rmm_tree)])
+        target.unlink()
+        clock.now += dt.timedelta(minutes=5)
+        assert len(_scanner(store, clock).scan([str(rmm_tree)]).gone) == 1
+        assert len(store.gone_map(DEVICE.device_id)) == 1
+        shutil.copy(RMM_FIXTURE, target)
+        clock.now += dt.timedelta(minutes=5)
+        (item,) = iter_files([str(target)])
+        store.begin()
+        rows = _scanner(store, clock).observe(item, ScanStats())
+        store.commit()
+        assert len(rows) == 1 and store.gone_map(DEVICE.device_id) == {}
