@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import json
 import os
 import shutil
 import sqlite3
@@ -20,6 +21,7 @@ from agent.rows import Device
 from agent.scanner import Matcher, Scanner, ScanStats, examine_path
 from agent.sources.walk import MAX_OPEN_DIRS, iter_files
 from agent.store import Store
+from agent.textenc import unescape_path
 from tests.conftest import FIXTURES, ROOT, TEST_ROOT_CA
 from tests.hostile_tree import RMM_FIXTURE, make_deep_chain, remove_deep_chain
 
@@ -457,3 +459,42 @@ def test_a_gone_file_seen_again_outside_a_scan_is_not_gone(tmp_path, rmm_tree):
         rows = _scanner(store, clock).observe(item, ScanStats())
         store.commit()
         assert len(rows) == 1 and store.gone_map(DEVICE.device_id) == {}
+
+
+def test_a_rule_on_folderpath_keeps_its_hit_for_an_undecodable_name(tmp_path, hostile_tree):
+    """Evidence quotes the column's value; a path with raw bytes is quoted in the path escape,
+    so storing the hit cannot fail (and lose the finding)."""
+    from agent.rules.loader import load_rules
+
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "by_path.yaml").write_text(
+        "id: 11111111-2222-3333-4444-555555555555\n"
+        "name: Anything named pulse\n"
+        "description: test\n"
+        "tactics: CommandAndControl\n"
+        "relevantTechniques: T1219\n"
+        "query: |\n"
+        "  DeviceFileCertificateInfo\n"
+        "  | where FolderPath contains 'pulse'\n"
+        "  | summarize Count=count() by DeviceId, DeviceName\n",
+        encoding="utf-8",
+    )
+    ruleset = load_rules([rules_dir])
+    assert ruleset.problems == ()
+    with Store(tmp_path / "db.sqlite3") as store:
+        scanner = Scanner(
+            store,
+            DEVICE,
+            Matcher(ruleset.rules),
+            None,
+            max_file_size=1 << 20,
+            file_time_budget=10,
+            reobserve_interval=3600,
+        )
+        stats = scanner.scan([str(hostile_tree.root)])
+        evidence = [json.loads(e) for (e,) in store.db.execute("SELECT evidence FROM hits")]
+    assert stats.errors == [] and stats.findings == 2  # the top-level copy and the deep one
+    values = sorted(e[0]["value"] for e in evidence)
+    assert all("%FF" in v for v in values)
+    assert {os.fsencode(unescape_path(v)) for v in values} == {hostile_tree.signed[0], hostile_tree.long_path}
