@@ -3,6 +3,12 @@
 Every walked file ends in exactly one status. An unchanged file (same device, inode, size
 and mtime as in the file cache) is not opened again; its cached facts re-emit rows at most
 once per ``reobserve_interval``.
+
+A scan answers for the disk as it is now: ``ScanStats.current`` holds (FolderPath, SHA256) of
+every signed file seen in it (cached ones included), and a signed file seen before under a
+scanned root that is gone or holds other content is recorded as gone (``Store.record_gone``,
+``ScanStats.gone``); its rows stay. Without hashes (``--no-verify``) SHA256 is "", so a
+content change at the same path is not told apart.
 """
 
 from __future__ import annotations
