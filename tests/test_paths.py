@@ -245,21 +245,30 @@ def rmm_tree(tmp_path):
 
 
 def test_a_deleted_rmm_binary_is_gone_and_no_longer_a_finding(tmp_path, rmm_tree):
+    """Two copies; one deleted: the scan shows the one on disk, not the history of both; both
+    deleted: clean. The rows stay, and hunt keeps the published history semantics."""
+    shutil.copy(RMM_FIXTURE, rmm_tree / "second.exe")
     state = tmp_path / "state"
     first = rmmhunt("scan", str(rmm_tree), "--no-progress", state=state)
     assert first.returncode == 1 and "Pulseway" in first.stdout
-    (rmm_tree / "sub" / "agent.exe").unlink()
-    second = rmmhunt("scan", str(rmm_tree), "--no-progress", state=state)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "Pulseway" not in second.stdout
+    deleted, kept = str(rmm_tree / "sub" / "agent.exe"), str(rmm_tree / "second.exe")
+    os.unlink(deleted)
+    out = rmmhunt("scan", str(rmm_tree), "--no-progress", "--format", "json", "--rows", state=state)
+    assert out.returncode == 1, out.stderr
+    assert {r["FolderPath"] for r in json.loads(out.stdout)["rows"]} == {kept}
+    hunt = rmmhunt("hunt", "--format", "json", "--rows", state=state)
+    assert {row["FolderPath"] for r in json.loads(hunt.stdout) for row in r["Rows"]} == {deleted, kept}
+
+    os.unlink(kept)
+    last = rmmhunt("scan", str(rmm_tree), "--no-progress", state=state)
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "Pulseway" not in last.stdout
     with Store(state / "rmmhunt.sqlite3") as store:
-        device_id = _device_id(store)
-        gone = store.gone_map(device_id)
+        gone = store.gone_map(_device_id(store))
         rows = list(store.iter_rows())
-    path = str(rmm_tree / "sub" / "agent.exe")
-    assert [r["FolderPath"] for r in rows] == [path]  # rows are never deleted
-    assert list(gone) == [(path, rows[0]["SHA256"])]
-    assert gone[(path, rows[0]["SHA256"])] >= rows[0]["Timestamp"]
+    assert sorted(r["FolderPath"] for r in rows) == sorted([deleted, kept])  # rows are never deleted
+    assert set(gone) == {(r["FolderPath"], r["SHA256"]) for r in rows}
+    assert all(gone[(r["FolderPath"], r["SHA256"])] >= r["Timestamp"] for r in rows)
 
 
 def test_gone_changed_returned_and_unreached_files(tmp_path, rmm_tree):
@@ -319,26 +328,6 @@ def test_gone_changed_returned_and_unreached_files(tmp_path, rmm_tree):
         other.mkdir()
         target.unlink()
         assert _scanner(store, clock).scan([str(other)]).gone == []
-
-
-def test_scan_results_cover_only_files_seen_now(tmp_path, rmm_tree):
-    """Two copies; one deleted: the closing hunt shows one file, not the history of both."""
-    shutil.copy(RMM_FIXTURE, rmm_tree / "second.exe")
-    state = tmp_path / "state"
-    assert rmmhunt("scan", str(rmm_tree), "--no-progress", state=state).returncode == 1
-    (rmm_tree / "sub" / "agent.exe").unlink()
-    import json
-
-    out = rmmhunt("scan", str(rmm_tree), "--no-progress", "--format", "json", "--rows", state=state)
-    assert out.returncode == 1, out.stderr
-    payload = json.loads(out.stdout)
-    paths = {r["FolderPath"] for r in payload["rows"]}
-    assert paths == {str(rmm_tree / "second.exe")}
-    hunt = rmmhunt("hunt", "--format", "json", "--rows", state=state)  # hunt keeps the history
-    assert {row["FolderPath"] for r in json.loads(hunt.stdout) for row in r["Rows"]} == {
-        str(rmm_tree / "second.exe"),
-        str(rmm_tree / "sub" / "agent.exe"),
-    }
 
 
 # --------------------------------------------------------------------------- scanner odds and ends
