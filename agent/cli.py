@@ -225,11 +225,19 @@ def _render_results(results: Sequence[Any], fmt: str, with_rows: bool) -> str:
 
 
 def _hunt(
-    store: Any, rules: Sequence[Any], *, roots: Sequence[str] | None, include_excluded: bool, exclusions: Sequence[Any]
+    store: Any,
+    rules: Sequence[Any],
+    *,
+    roots: Sequence[str] | None,
+    include_excluded: bool,
+    exclusions: Sequence[Any],
+    current: set[tuple[str, str]] | None = None,
 ) -> list[Any]:
     from agent.hunt import run_hunt
 
     rows = store.iter_rows()
+    if current is not None:  # a scan answers for the disk as it is now: only files seen in it
+        rows = (row for row in rows if (row["FolderPath"], row["SHA256"]) in current)
     if roots is not None:
         prefixes = [os.path.join(os.path.abspath(r), "") for r in roots]
         exact = {os.path.abspath(r) for r in roots}
@@ -320,7 +328,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
             if progress:
                 progress.done()
         results = _hunt(
-            store, rules, roots=None if not args.paths else roots, include_excluded=False, exclusions=exclusions
+            store,
+            rules,
+            roots=None if not args.paths else roots,
+            include_excluded=False,
+            exclusions=exclusions,
+            current=stats.current,
         )
     summary = stats.as_dict()
     sys.stderr.write(summary_text(summary, len(results)))

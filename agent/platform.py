@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -138,19 +139,73 @@ def default_roots() -> tuple[list[str], frozenset[str]]:
     return ["/"], skipped_mount_points(linux_mounts())
 
 
-def open_regular(path: str) -> tuple[int, os.stat_result]:
-    """Open a path for reading without ever blocking on a FIFO or device and without
-    following a final symlink. Returns (fd, fstat). Raises IsADirectoryError-like
-    ``SpecialFile`` for anything that is not a regular file (the fd is closed)."""
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    flags |= getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0)
+# openat-style operations: a walk can go deeper than PATH_MAX by opening each directory
+# relative to its parent (POSIX). Windows has no dir_fd: it walks and opens by path.
+RELATIVE_OPEN = os.open in os.supports_dir_fd and os.scandir in os.supports_fd and os.stat in os.supports_dir_fd
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_directory(name: str, *, dir_fd: int | None = None, follow_symlinks: bool = False) -> int:
+    """Open a directory for listing (``name`` relative to ``dir_fd`` when given). A path longer
+    than the kernel's PATH_MAX is opened one component at a time."""
+    flags = _DIR_FLAGS | (0 if follow_symlinks else _NOFOLLOW)
     try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        if not getattr(os, "O_NOATIME", 0):
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG or dir_fd is not None or not RELATIVE_OPEN:
             raise
-        # O_NOATIME is refused on files we do not own unless we are privileged
-        fd = os.open(path, flags & ~os.O_NOATIME)
+    parent, base = os.path.split(name)
+    parent_fd = _open_long_directory(parent)
+    try:
+        return os.open(base, flags, dir_fd=parent_fd)
+    finally:
+        os.close(parent_fd)
+
+
+def _open_long_directory(path: str) -> int:
+    """Open a directory whose path is longer than PATH_MAX, component by component (the
+    intermediate components follow symlinks, as the kernel's own lookup would)."""
+    fd = os.open(os.sep if os.path.isabs(path) else os.curdir, _DIR_FLAGS)
+    try:
+        for part in path.split(os.sep):
+            if not part or part == os.curdir:
+                continue
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: str, *, dir_fd: int | None = None, follow_symlinks: bool = False) -> tuple[int, os.stat_result]:
+    """Open a file for reading without ever blocking on a FIFO or device and, unless
+    ``follow_symlinks``, without following a final symlink. ``path`` is relative to
+    ``dir_fd`` when given; an absolute path longer than PATH_MAX is opened from its directory.
+    Returns (fd, fstat).
+
+    Raises ``SpecialFile`` for anything that is not a regular file (the fd is closed):
+    a FIFO, device or socket, a symlink that is not followed, a symlink loop. A dangling
+    symlink raises FileNotFoundError with the message "dangling symlink"."""
+    flags = _READ_FLAGS | getattr(os, "O_NOATIME", 0) | (0 if follow_symlinks else _NOFOLLOW)
+    try:
+        fd = _open_noatime(path, flags, dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG and dir_fd is None and RELATIVE_OPEN:
+            parent, base = os.path.split(path)
+            parent_fd = open_directory(parent or os.curdir, follow_symlinks=True)
+            try:
+                return open_regular(base, dir_fd=parent_fd, follow_symlinks=follow_symlinks)
+            finally:
+                os.close(parent_fd)
+        if exc.errno not in (errno.ELOOP, errno.ENOENT, errno.EMLINK):
+            raise
+        _raise_for_symlink(path, dir_fd, follow_symlinks, exc)
+        raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -158,8 +213,45 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def _open_noatime(path: str, flags: int, dir_fd: int | None) -> int:
+    try:
+        return os.open(path, flags, dir_fd=dir_fd)
+    except PermissionError:
+        if not flags & getattr(os, "O_NOATIME", 0):
+            raise
+        # O_NOATIME is refused on files we do not own unless we are privileged
+        return os.open(path, flags & ~os.O_NOATIME, dir_fd=dir_fd)
+
+
+def _raise_for_symlink(path: str, dir_fd: int | None, follow_symlinks: bool, exc: OSError) -> None:
+    """Name the symlink case behind an ELOOP/ENOENT from open(): loop, dangling, not followed."""
+    try:
+        lst = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return  # the name itself is missing: a plain FileNotFoundError
+    if not stat.S_ISLNK(lst.st_mode):
+        return
+    try:
+        os.stat(path, dir_fd=dir_fd, follow_symlinks=True)
+    except OSError as target_exc:
+        if target_exc.errno == errno.ELOOP:
+            raise SymlinkLoop("symlink loop") from exc
+        if target_exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise FileNotFoundError(errno.ENOENT, DANGLING_SYMLINK) from exc
+        return
+    if not follow_symlinks:
+        raise SpecialFile("symlink (not followed)") from exc
+
+
+DANGLING_SYMLINK = "dangling symlink"
+
+
 class SpecialFile(Exception):
-    """Not a regular file (FIFO, socket, device): never read."""
+    """Not a regular file (FIFO, socket, device, symlink not followed): never read."""
+
+
+class SymlinkLoop(SpecialFile):
+    """A symlink that resolves to itself (ELOOP): there is no file behind it."""
 
 
 def special_kind(mode: int) -> str:

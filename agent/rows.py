@@ -9,7 +9,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from agent.extract.authenticode import FileFacts
+from agent.extract.authenticode import NOT_VERIFIED, FileFacts
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,15 @@ def build_rows(
     source: str,
     process: ProcessContext | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for one observation. ReportId is left None: the store allocates it."""
+    """Rows for one observation. ReportId is left None: the store allocates it.
+
+    ``path`` is a surrogateescape ``str`` (agent.textenc): FolderPath and FileName keep any
+    bytes exactly. IsTrusted and DigestValid are None ("not checked") when the signature was
+    not verified (--no-verify), never False."""
     rows = []
     for sig in facts.signatures:
         cert = sig.signer
+        not_verified = sig.verification_status == NOT_VERIFIED
         row: dict[str, Any] = {
             "Timestamp": timestamp,
             "DeviceId": device.device_id,
@@ -59,7 +64,7 @@ def build_rows(
             "CertificateCreationTime": cert.not_before,
             "CertificateExpirationTime": cert.not_after,
             "CertificateCountersignatureTime": sig.countersignature_time,
-            "IsTrusted": sig.is_trusted,
+            "IsTrusted": None if not_verified else sig.is_trusted,  # None: "not checked", never False
             "IsRootSignerMicrosoft": sig.is_root_microsoft,
             "ReportId": None,
             "FolderPath": path,
@@ -69,7 +74,7 @@ def build_rows(
             "SignerSubject": cert.subject,
             "IssuerSubject": cert.issuer,
             "ProgramName": sig.program_name,
-            "DigestValid": sig.digest_valid,
+            "DigestValid": None if not_verified else sig.digest_valid,
             "VerificationStatus": sig.verification_status,
             "SignatureIndex": sig.index,
             "Source": source,
@@ -82,4 +87,3 @@ def build_rows(
         }
         rows.append(row)
     return rows
-

@@ -3,12 +3,18 @@
 Every walked file ends in exactly one status. An unchanged file (same device, inode, size
 and mtime as in the file cache) is not opened again; its cached facts re-emit rows at most
 once per ``reobserve_interval``.
+
+A scan answers for the disk as it is now: ``ScanStats.current`` holds (FolderPath, SHA256) of
+every signed file seen in it (cached ones included), and a signed file seen before under a
+scanned root that is gone or holds other content is recorded as gone (``Store.record_gone``,
+``ScanStats.gone``); its rows stay. Without hashes (``--no-verify``) SHA256 is "", so a
+content change at the same path is not told apart.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import errno
+import json
 import logging
 import os
 import time
@@ -23,12 +29,15 @@ from agent.platform import SpecialFile, open_regular
 from agent.rows import Device, ProcessContext, build_rows
 from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
-from agent.sources.walk import WalkCounters, WalkItem, iter_files
+from agent.sources.walk import WalkCounters, WalkItem, iter_files, status_of
 from agent.store import CacheEntry, Store, facts_from_json, facts_to_json
+from agent.textenc import encodable, escape_path
 
 log = logging.getLogger(__name__)
 
-COMMIT_EVERY_FILES = 2000
+# Commit at least this often, so a kill or a fault loses seconds of work, not thousands of files.
+COMMIT_EVERY_FILES = 500
+COMMIT_EVERY_SECONDS = 1.0
 MAX_ERRORS_KEPT = 10_000
 
 
@@ -50,6 +59,13 @@ class ScanStats:
     errors_total: int = 0
     started: float = field(default_factory=time.time)
     elapsed: float = 0.0
+    # What is on disk now: (FolderPath, SHA256) of every signed file seen in this scan, cached
+    # unchanged files included (SHA256 is "" when it was not computed, e.g. --no-verify).
+    # Only signed files: a few thousand entries, never every path.
+    current: set[tuple[str, str]] = field(default_factory=set)
+    # Signed files seen before under a scanned root and gone (or changed) in this scan:
+    # (FolderPath, SHA256, when it was found gone).
+    gone: list[tuple[str, str, dt.datetime]] = field(default_factory=list)
 
     @property
     def files_per_second(self) -> float:
@@ -72,6 +88,7 @@ class ScanStats:
             "mounts_skipped": self.walk.mounts_skipped,
             "directory_errors": self.walk.directory_errors,
             "errors_total": self.errors_total,
+            "gone": len(self.gone),
             "elapsed_seconds": round(self.elapsed, 3),
             "files_per_second": round(self.files_per_second, 1),
         }
@@ -108,8 +125,12 @@ class Matcher:
 
 
 def evidence_dict(e: Any) -> dict[str, Any]:
-    """One Evidence as plain data: the column, its value, the operator and the pattern."""
-    return {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
+    """One Evidence as plain data: the column, its value, the operator and the pattern.
+    A value holding undecodable bytes (a path) is kept in the path escape: evidence is text."""
+    value = e.value
+    if isinstance(value, str) and not encodable(value):
+        value = escape_path(value)
+    return {"column": e.column, "value": value, "operator": e.operator, "pattern": e.pattern}
 
 
 def examine_path(
@@ -119,16 +140,27 @@ def examine_path(
     verifier: TrustVerifier | None,
     max_file_size: int,
     time_budget: float,
+    dir_fd: int | None = None,
+    name: str | None = None,
+    follow_symlinks: bool = False,
 ) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
     """(status, facts or None, detail, (st_dev, st_ino, size, mtime_ns)) for one path.
-    Opens without blocking or following a final symlink; never raises for the file's sake."""
+
+    Opens without blocking and, unless ``follow_symlinks``, without following a final symlink.
+    With ``dir_fd`` the file is opened as ``name`` relative to that directory (the walk's way,
+    which works past PATH_MAX); ``path`` is then only its name for people. Never raises for the
+    file's sake: a symlink loop is NOT_PE "symlink loop: not read", a dangling symlink is
+    VANISHED "dangling symlink", a symlink not followed is NOT_PE "symlink (not followed): not read"."""
     try:
-        fd, st = open_regular(path)
+        if dir_fd is not None and dir_fd >= 0:
+            fd, st = open_regular(name or os.path.basename(path), dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+        else:
+            fd, st = open_regular(path, follow_symlinks=follow_symlinks)
     except SpecialFile as exc:
         return "NOT_PE", None, f"{exc}: not read", ident
     except OSError as exc:
-        vanished = isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOENT, errno.ENOTDIR)
-        return ("VANISHED" if vanished else "ACCESS_DENIED"), None, exc.strerror or str(exc), ident
+        status, detail = status_of(exc)
+        return status, None, detail, ident
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         # Most files are not PE: decide from the first bytes before building a file object.
@@ -149,6 +181,25 @@ def examine_path(
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+# What a path that held a signed file holds after this scan (for "gone" detection).
+_SAME, _CHANGED, _MISSING, _UNKNOWN = "same", "changed", "missing", "unknown"
+_OUTCOME_OF_STATUS = {
+    "NOT_PE": _CHANGED,
+    "NOT_SIGNED": _CHANGED,
+    "PARSE_ERROR": _CHANGED,
+    "VANISHED": _MISSING,
+    # ACCESS_DENIED, TOO_LARGE, TIMEOUT without signer facts: the content is not known
+}
+
+
+def _sha256_of(cached: CacheEntry) -> str:
+    return str(json.loads(cached.facts or "{}").get("sha256", ""))
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep) for root in roots)
 
 
 class Scanner:
@@ -176,6 +227,11 @@ class Scanner:
         self.clock = clock
         self._cache: dict[str, CacheEntry] | None = None
         self._pending_cache: list[tuple[str, CacheEntry]] = []
+        # During a scan: what each previously signed path holds now (bounded by signed files).
+        self._outcomes: dict[str, str] | None = None
+        self._previous: dict[str, str] = {}  # path -> SHA256 of the signed file cached before this scan
+        self._missing: set[str] = set()  # of those, the paths the walk has not reached
+        self._returned: set[tuple[str, str]] = set()
 
     @property
     def cache(self) -> dict[str, CacheEntry]:
@@ -191,6 +247,9 @@ class Scanner:
             verifier=self.verifier,
             max_file_size=self.max_file_size,
             time_budget=self.file_time_budget,
+            dir_fd=item.dir_fd if item.dir_fd >= 0 else None,
+            name=item.name or None,
+            follow_symlinks=item.follow,
         )
 
     def observe(
@@ -200,13 +259,16 @@ class Scanner:
         stats.files += 1
         if item.status:  # the walk already knows (special file, stat failed)
             self._record(stats, item.path, item.status, item.detail, "")
+            self._outcome(item.path, _OUTCOME_OF_STATUS.get(item.status, _UNKNOWN))
             return []
         cached = self.cache.get(item.path)
         if cached is not None and not force and cached.same_file(item.st_dev, item.st_ino, item.size, item.mtime_ns):
             stats.unchanged += 1
             self._record(stats, item.path, cached.status, "", cached.kind)
+            self._outcome(item.path, _SAME)
             if not cached.facts:
                 return []
+            stats.current.add((item.path, _sha256_of(cached)))
             now = self.clock()
             if not self._due(cached, now):
                 return []
@@ -214,22 +276,55 @@ class Scanner:
             return self._emit(facts_from_json(cached.facts), item.path, now, stats, process)
         stats.parsed += 1
         status, facts, detail, ident = self._examine(item)
+        return self.observe_facts(item.path, status, facts, detail, ident, stats, process=process)
+
+    def observe_facts(
+        self,
+        path: str,
+        status: str,
+        facts: FileFacts | None,
+        detail: str,
+        ident: tuple[int, int, int, int],
+        stats: ScanStats,
+        *,
+        process: ProcessContext | None = None,
+    ) -> list[dict[str, Any]]:
+        """Record what examining one file gave; store its rows and hits. Rows are emitted
+        whenever signer facts exist, whatever the status: a file whose hashing ran out of time
+        (TIMEOUT, digest unknown) still has a Signer worth a row."""
         kind = facts.kind if facts is not None else ""
-        self._record(stats, item.path, status, detail, kind)
-        signed = facts is not None and status == "OK"
+        self._record(stats, path, status, detail, kind)
+        has_signers = facts is not None and bool(facts.signatures)
         now = self.clock()
+        if has_signers and facts is not None:
+            key = (path, facts.sha256)
+            stats.current.add(key)
+            if self._outcomes is not None:  # in a scan: no longer gone, if it was
+                self._returned.add(key)
+            previous = self._previous.get(path)
+            if previous and facts.sha256 and previous != facts.sha256:
+                self._outcome(path, _CHANGED)
+            else:
+                self._outcome(path, _SAME)
+        else:
+            self._outcome(path, _OUTCOME_OF_STATUS.get(status, _UNKNOWN))
         if status not in ("ACCESS_DENIED", "VANISHED", "TIMEOUT"):  # worth another try next time
+            cacheable = has_signers and status == "OK"
             self._remember(
-                item.path,
+                path,
                 CacheEntry(
                     *ident,
                     status=status,
                     kind=kind,
-                    facts=facts_to_json(facts) if signed and facts else None,
-                    last_emitted=now.isoformat() if signed else None,
+                    facts=facts_to_json(facts) if cacheable and facts else None,
+                    last_emitted=now.isoformat() if cacheable else None,
                 ),
             )
-        return self._emit(facts, item.path, now, stats, process) if signed and facts else []
+        return self._emit(facts, path, now, stats, process) if has_signers and facts else []
+
+    def _outcome(self, path: str, outcome: str) -> None:
+        if self._outcomes is not None and path in self._outcomes:
+            self._outcomes[path] = outcome
 
     def _due(self, cached: CacheEntry, now: dt.datetime) -> bool:
         return cached.last_emitted is None or now - dt.datetime.fromisoformat(cached.last_emitted) >= self.reobserve
@@ -285,10 +380,19 @@ class Scanner:
         follow_symlinks: bool = False,
         progress: Callable[[ScanStats, str], None] | None = None,
     ) -> ScanStats:
+        roots = list(roots)
         stats = ScanStats()
         dir_errors: list[tuple[str, str]] = []
         self._pending_cache = []
+        self._returned = set()
+        # Signed files already known under the roots: the only ones that can be "gone".
+        scanned = [os.path.abspath(r) for r in roots]
+        self._previous = {p: _sha256_of(e) for p, e in self.cache.items() if e.facts and _under(p, scanned)}
+        self._outcomes = dict.fromkeys(self._previous, _UNKNOWN)
+        self._missing = set(self._previous)
         self.store.begin()
+        last_commit = time.monotonic()
+        completed = False
         try:
             for n, item in enumerate(
                 iter_files(
@@ -296,20 +400,26 @@ class Scanner:
                 ),
                 start=1,
             ):
+                self._missing.discard(item.path)
                 try:
                     self.observe(item, stats)
                 except Exception as exc:  # a bug must not end the scan: the file gets a status
-                    log.exception("internal error on %s", item.path)
+                    log.exception("internal error on %s", escape_path(item.path))
                     stats.statuses["PARSE_ERROR"] += 1
                     stats.errors_total += 1
                     stats.errors.append({"path": item.path, "status": "PARSE_ERROR", "detail": f"internal: {exc}"})
-                if n % COMMIT_EVERY_FILES == 0:
+                if n % COMMIT_EVERY_FILES == 0 or time.monotonic() - last_commit >= COMMIT_EVERY_SECONDS:
                     self.flush()
                     self.store.begin()
+                    last_commit = time.monotonic()
                 if progress is not None:
                     progress(stats, item.path)
+            completed = True
         finally:
+            if completed:
+                self._record_gone(stats)
             self.flush()
+            self._outcomes, self._previous, self._missing = None, {}, set()
             stats.elapsed = time.time() - stats.started
         for path, message in dir_errors:
             stats.errors_total += 1
@@ -317,8 +427,48 @@ class Scanner:
                 stats.errors.append({"path": path, "status": "DIRECTORY_ERROR", "detail": message})
         return stats
 
+    def _record_gone(self, stats: ScanStats) -> None:
+        """Signed files known under the scanned roots that are gone now, or hold other content:
+        recorded as gone (their rows stay); a missing one's cache entry is dropped, so a file
+        that comes back is new again. A file the walk could not reach is gone only when the
+        name itself no longer exists (an unreadable directory is not a deletion)."""
+        assert self._outcomes is not None
+        now = self.clock()
+        gone: list[tuple[str, str, dt.datetime]] = []
+        dropped: list[str] = []
+        for path, outcome in self._outcomes.items():
+            if path in self._missing:
+                outcome = _MISSING if not _still_exists(path) else _UNKNOWN
+            if outcome not in (_CHANGED, _MISSING):
+                continue
+            gone.append((path, self._previous[path], now))
+            if outcome == _MISSING:
+                dropped.append(path)
+        for path in dropped:
+            self.cache.pop(path, None)
+        if dropped:
+            drop = set(dropped)
+            self._pending_cache = [(p, e) for p, e in self._pending_cache if p not in drop]
+            self.store.drop_cache(self.device.device_id, dropped)
+        if gone:
+            self.store.record_gone(self.device.device_id, gone)
+        if self._returned:
+            self.store.clear_gone(self.device.device_id, self._returned)
+        stats.gone = gone
+
     def flush(self) -> None:
         if self._pending_cache:
             self.store.put_cache(self.device.device_id, self._pending_cache)
             self._pending_cache = []
         self.store.commit()
+
+
+def _still_exists(path: str) -> bool:
+    """True unless the name is certainly gone (ENOENT/ENOTDIR); unknown counts as existing."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True

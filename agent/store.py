@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from agent.extract.authenticode import FileFacts, SignatureFacts
 from agent.extract.certinfo import CertIdentity
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
+from agent.textenc import from_db, to_db
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ def _to_sql(name: str, value: Any) -> Any:
         return value.astimezone(dt.UTC).isoformat()
     if kind == "bool":
         return int(bool(value))
+    if isinstance(value, str):  # a path may hold undecodable bytes: stored exactly (agent.textenc)
+        return to_db(value)
     return value
 
 
@@ -123,6 +126,8 @@ def _from_sql(name: str, value: Any) -> Any:
         return dt.datetime.fromisoformat(value)
     if kind == "bool":
         return bool(value)
+    if isinstance(value, bytes):
+        return from_db(value)
     return value
 
 
@@ -218,14 +223,72 @@ class Store:
             "WHERE device_id=?",
             (device_id,),
         )
-        return {row[0]: CacheEntry._make(row[1:]) for row in cur}
+        return {from_db(row[0]): CacheEntry._make(row[1:]) for row in cur}
 
     def put_cache(self, device_id: str, entries: Iterable[tuple[str, CacheEntry]]) -> None:
         self.db.executemany(
             "INSERT OR REPLACE INTO file_cache (device_id, path, st_dev, st_ino, size, mtime_ns, status, kind, facts, "
             "last_emitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (device_id, path, e.st_dev, e.st_ino, e.size, e.mtime_ns, e.status, e.kind, e.facts, e.last_emitted)
+                (
+                    device_id,
+                    to_db(path),
+                    e.st_dev,
+                    e.st_ino,
+                    e.size,
+                    e.mtime_ns,
+                    e.status,
+                    e.kind,
+                    e.facts,
+                    e.last_emitted,
+                )
                 for path, e in entries
             ],
         )
+
+    # --- file presence: which signed files are on disk now, and when one went
+    _GONE_DDL = (
+        "CREATE TABLE IF NOT EXISTS gone_files (device_id TEXT NOT NULL, path NOT NULL, sha256 TEXT NOT NULL, "
+        "gone_at TEXT NOT NULL, PRIMARY KEY (device_id, path, sha256))"
+    )
+
+    def drop_cache(self, device_id: str, paths: Iterable[str]) -> None:
+        """Forget files in the cache, so that they are examined as new when seen again."""
+        self.db.executemany(
+            "DELETE FROM file_cache WHERE device_id=? AND path=?", [(device_id, to_db(p)) for p in paths]
+        )
+
+    def record_gone(self, device_id: str, gone: Iterable[tuple[str, str, dt.datetime]]) -> None:
+        """(path, SHA256, when): a signed file seen before is gone or holds other content now.
+        Its rows stay; this only says since when it is not on disk."""
+        self.db.execute(self._GONE_DDL)
+        self.db.executemany(
+            "INSERT OR REPLACE INTO gone_files (device_id, path, sha256, gone_at) VALUES (?, ?, ?, ?)",
+            [(device_id, to_db(p), sha, when.astimezone(dt.UTC).isoformat()) for p, sha, when in gone],
+        )
+
+    def clear_gone(self, device_id: str, present: Iterable[tuple[str, str]]) -> None:
+        """(path, SHA256) seen on disk again: no longer gone."""
+        if not self._has_table("gone_files"):
+            return
+        self.db.executemany(
+            "DELETE FROM gone_files WHERE device_id=? AND path=? AND sha256=?",
+            [(device_id, to_db(p), sha) for p, sha in present],
+        )
+
+    def gone_map(self, device_id: str) -> dict[tuple[str, str], dt.datetime]:
+        """(FolderPath, SHA256) -> when the file was found gone, for files not back since (no
+        row of it at or after that time). Works on a read-only store (no table: nothing gone)."""
+        if not self._has_table("gone_files"):
+            return {}
+        cur = self.db.execute(
+            "SELECT g.path, g.sha256, g.gone_at FROM gone_files g WHERE g.device_id=? AND NOT EXISTS ("
+            'SELECT 1 FROM cert_rows r WHERE r."DeviceId"=g.device_id AND r."FolderPath"=g.path '
+            'AND r."SHA256"=g.sha256 AND r."Timestamp">=g.gone_at)',  # seen again since (e.g. by watch)
+            (device_id,),
+        )
+        return {(from_db(p), sha): dt.datetime.fromisoformat(at) for p, sha, at in cur}
+
+    def _has_table(self, name: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
+        return row is not None

@@ -42,3 +42,12 @@ def no_leaked_threads_or_processes():
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"test leaked threads: {still}"
+
+
+@pytest.fixture
+def hostile_tree(tmp_path):
+    """A generated tree of hostile file names (invalid UTF-8, controls, ESC, 255-byte names, a path
+    past PATH_MAX) with signed Pulseway copies under some of them: see tests/hostile_tree.py."""
+    from tests.hostile_tree import make_hostile_tree
+
+    return make_hostile_tree(tmp_path)
