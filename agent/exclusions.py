@@ -64,8 +64,11 @@ Semantics
   digits (combining marks belong to their term) and folded; the right side's terms must appear
   as a contiguous run of the left side's terms. ``signer has "Dell"`` matches ``Dell Inc.`` but
   not ``Dellware``; ``"Datto Inc"`` does not match ``Datto, LLC``.
-* ``matches`` is a Python ``re`` search (not a full match), case-insensitive, compiled at load
-  time; a bad pattern is a load error.
+* ``matches`` is an RE2 search (not a full match), case-insensitive, compiled at load time.
+  RE2 runs in time linear in the subject, so no pattern can hang a scan on a hostile name
+  (``^(a+)+$`` is harmless); a pattern RE2 cannot compile (backreferences, lookaround) or that
+  is longer than 4096 characters is a load error with the reason. A byte of a path that is
+  not valid UTF-8 matches as U+FFFD.
 * ``in [...]`` takes strings for text fields and numbers for numeric fields.
 * **Null.** A field whose value is missing, ``None`` or an empty string is null. Every
   comparison with a null field is false except ``!=``, which is true (``!=`` is always exactly
@@ -105,6 +108,8 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2  # type: ignore[import-untyped]
 
 from agent.rules.terms import fold, has_terms
 
@@ -446,6 +451,48 @@ def _read_string(text: str, start: int) -> tuple[_Token, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Regular expressions: RE2, so matching is linear in the subject whatever the pattern
+
+MAX_NESTING = 100  # parentheses and negations; real exclusions nest a few levels
+MAX_EXPRESSION_CHARS = 65536
+MAX_REGEX_CHARS = 4096
+_RE2_MAX_MEM = 8 << 20  # bytes of compiled program; a pattern needing more is a load error
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # the reason goes into the load error, not onto stderr
+    options.max_mem = _RE2_MAX_MEM
+    return options
+
+
+def _compile_regex(pattern: str, token: _Token) -> Any:
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise ExclusionError(token.column, f"regular expression longer than {MAX_REGEX_CHARS} characters")
+    try:
+        return re2.compile(_regex_subject(pattern), _re2_options())
+    except re2.error as error:
+        reason = error.args[0] if error.args else error
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ExclusionError(
+            token.column,
+            f"bad regular expression {token.text}: {reason} (RE2 syntax: no backreferences or lookaround)",
+        ) from None
+
+
+def _regex_subject(text: str) -> str:
+    """NFC text that RE2 can take: a byte kept by surrogateescape becomes U+FFFD for matching."""
+    if _SURROGATES.search(text):
+        text = _SURROGATES.sub("\ufffd", text)
+    return unicodedata.normalize("NFC", text)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+# --------------------------------------------------------------------------------------------
 # Syntax tree (frozen; operands are folded and compiled at load time)
 
 
@@ -471,7 +518,7 @@ class _Compare:
         if op == "has":
             return has_terms(value, operand)
         if op == "matches":
-            return operand.search(unicodedata.normalize("NFC", value)) is not None
+            return operand.search(_regex_subject(value)) is not None
         folded = fold(value)
         if op == "==":
             return folded == operand
@@ -530,6 +577,7 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.index = 0
         self.fields: set[str] = set()
+        self.depth = 0
 
     def peek(self) -> _Token:
         token = self.tokens[self.index]
@@ -575,16 +623,33 @@ class _Parser:
         return operands[0] if len(operands) == 1 else _All(tuple(operands))
 
     def parse_unary(self) -> _Node:
-        if self.is_op("!") or self.peek().is_word("not"):
-            self.advance()
-            return _Not(self.parse_unary())
-        return self.parse_primary()
+        negations: list[_Token] = []
+        while self.is_op("!") or self.peek().is_word("not"):  # a loop, not recursion: `!!!...` is flat
+            negations.append(self.advance())
+            self.nest(negations[-1])
+        try:
+            node = self.parse_primary()
+        finally:
+            self.depth -= len(negations)
+        for _ in negations:
+            node = _Not(node)
+        return node
+
+    def nest(self, token: _Token) -> None:
+        """Enter one level of nesting; past MAX_NESTING it is a load error, never a RecursionError."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise ExclusionError(token.column, f"expression nested deeper than {MAX_NESTING} levels")
 
     def parse_primary(self) -> _Node:
         token = self.peek()
         if token.kind == "op" and token.text == "(":
             self.advance()
-            node = self.parse_or()
+            self.nest(token)
+            try:
+                node = self.parse_or()
+            finally:
+                self.depth -= 1
             closing = self.peek()
             if not (closing.kind == "op" and closing.text == ")"):
                 raise ExclusionError(
@@ -695,10 +760,7 @@ class _Parser:
                 raise ExclusionError(token.column, f"'has' needs at least one letter or digit in {token.text}")
             return value
         if op == "matches":
-            try:
-                return re.compile(unicodedata.normalize("NFC", value), re.IGNORECASE)
-            except re.error as error:
-                raise ExclusionError(token.column, f"bad regular expression {token.text}: {error}") from None
+            return _compile_regex(value, token)
         return fold(value)
 
     def parse_list(self, spec: _Field, op_token: _Token) -> frozenset[Any]:
@@ -752,6 +814,8 @@ def parse_expression(text: str) -> Expression:
     """Parse and check one expression; raise :class:`ExclusionError` naming the column."""
     if not isinstance(text, str):
         raise ExclusionError(1, f"an expression must be a string, not {type(text).__name__}")
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise ExclusionError(1, f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     parser = _Parser(text)
     root = parser.parse()
     return Expression(text=text, fields=frozenset(parser.fields), _root=root)

@@ -443,12 +443,46 @@ def test_the_leftmost_error_is_reported() -> None:
     assert err.column == 1 and "bogus" in err.message
 
 
-@pytest.mark.parametrize("pattern", ["([", "a{2,1}", "(?P<x>a)(?P<x>b)", "*"])
-def test_bad_regex_is_a_load_error(pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("([", "missing"),
+        ("a{2,1}", "invalid repetition size"),
+        ("*", "no argument for repetition"),
+        ("(a)\\1", "invalid escape"),  # a backreference: RE2 has none
+        ("(?=a)b", "invalid perl operator"),  # lookahead
+        ("(?<!a)b", "invalid perl operator"),  # lookbehind
+    ],
+)
+def test_bad_regex_is_a_load_error_with_the_reason(pattern: str, reason: str) -> None:
     err = error_of(f'file.name matches "{pattern}"')
     assert err.column == 19
-    assert "bad regular expression" in err.message
     assert f'bad regular expression "{pattern}": ' in err.message
+    assert reason in err.message and "RE2" in err.message, err.message
+
+
+def test_regex_matching_is_linear_on_hostile_names() -> None:
+    # Python's re never finishes `^(a+)+$` against 30 a's and a b; RE2 answers at once.
+    expression = parse_expression('file.name matches "^(a+)+$"')
+    assert not expression.matches(row(FileName="a" * 30 + "b"))
+    assert not expression.matches(row(FileName="a" * 100_000 + "!"))
+    assert expression.matches(row(FileName="A" * 30))
+    nested = parse_expression('file.name matches "(x+x+)+y"')
+    assert not nested.matches(row(FileName="x" * 50_000))
+
+
+def test_regex_on_undecodable_path_bytes() -> None:
+    # A surrogateescape path (raw byte 0xff) matches; the byte stands for U+FFFD.
+    name = b"setup\xff.exe".decode("utf-8", "surrogateescape")
+    assert matches('file.name matches "^setup.\\.exe$"', row(FileName=name))
+    assert matches('file.name contains "setup"', row(FileName=name))
+
+
+def test_oversized_regex_and_expression_are_load_errors() -> None:
+    err = error_of('file.name matches "' + "a" * 5000 + '"')
+    assert "longer than 4096" in err.message
+    err = error_of('file.name == "' + "a" * 70_000 + '"')
+    assert "longer than 65536" in err.message
 
 
 def test_regex_is_a_case_insensitive_search() -> None:

@@ -44,6 +44,11 @@ __all__ = [
     "RANGE_OPS",
 ]
 
+# Deepest nesting of parentheses, function calls, not(), unary minus and arithmetic chains. Real
+# queries nest a handful of levels; the limit keeps parsing and evaluation far from Python's
+# recursion limit, so a hostile query is a load error with its position, never a RecursionError.
+MAX_NESTING = 64
+
 NUMERIC = frozenset({"long", "int", "real"})
 ORDERED = NUMERIC | {"datetime", "timespan", "string"}
 
@@ -231,6 +236,7 @@ class _Parser:
         self.tabular_lets: dict[str, tuple[tuple[Stage, ...], dict[str, _ColumnInfo]]] = {}
         self.columns_used: set[str] = set()
         self.auto_names = 0
+        self.depth = 0
 
     # token access
     def peek(self, ahead: int = 0) -> Token:
@@ -524,8 +530,18 @@ class _Parser:
 
     # --- scalar expressions ---------------------------------------------------------------------------
 
+    def nest(self, token: Token) -> None:
+        """Enter one level of nesting; past MAX_NESTING it is a load error, never a RecursionError."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(token, f"expression nested deeper than {MAX_NESTING} levels")
+
     def parse_expr(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
-        return self.parse_or(scope)
+        self.nest(self.peek())
+        try:
+            return self.parse_or(scope)
+        finally:
+            self.depth -= 1
 
     def logical(
         self, scope: Mapping[str, _ColumnInfo], word: str, sub: Callable[[Mapping[str, _ColumnInfo]], Expr]
@@ -535,13 +551,18 @@ class _Parser:
         while self.at_word(word):
             operator = self.advance()
             items.append(sub(scope))
-            for item in items:
-                if item.type != "bool":
-                    raise KqlError(item.line, item.column, f"'{operator.value}' needs bool operands, got {item.type}")
+            if len(items) == 2:
+                self.check_bool(items[0], operator)
+            self.check_bool(items[-1], operator)
         if len(items) == 1:
             return items[0]
         node_type = And if word == "and" else Or
         return node_type("bool", self.source(start), start.line, start.column, tuple(items))
+
+    @staticmethod
+    def check_bool(item: Expr, operator: Token) -> None:
+        if item.type != "bool":
+            raise KqlError(item.line, item.column, f"'{operator.value}' needs bool operands, got {item.type}")
 
     def parse_or(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
         return self.logical(scope, "or", self.parse_and)
@@ -651,8 +672,12 @@ class _Parser:
     def parse_additive(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
         start = self.peek()
         left = self.parse_unary(scope)
+        chain = 0
         while self.at_punct("+") or self.at_punct("-"):
             operator = self.advance()
+            chain += 1  # `a + b + c ...` builds a left-deep tree: each operator is one level
+            if self.depth + chain > MAX_NESTING:
+                raise self.error(operator, f"expression nested deeper than {MAX_NESTING} levels")
             right = self.parse_unary(scope)
             result_type = _arith_type(operator.value, left.type, right.type)
             if result_type is None:
@@ -665,7 +690,11 @@ class _Parser:
         token = self.peek()
         if token.kind == PUNCT and token.value == "-":
             self.advance()
-            operand = self.parse_unary(scope)
+            self.nest(token)
+            try:
+                operand = self.parse_unary(scope)
+            finally:
+                self.depth -= 1
             if _family(operand.type) not in ("number", "timespan"):
                 raise self.error(token, f"cannot negate a {operand.type}")
             return _fold(Neg(operand.type, self.source(token), token.line, token.column, operand))
