@@ -46,7 +46,9 @@ from agent.rules.kql_eval import (
 )
 from agent.rules.kql_lexer import KqlError
 from agent.rules.kql_parser import (
+    ROW_STAGES,
     And,
+    Call,
     Column,
     Compare,
     Const,
@@ -73,6 +75,7 @@ class Query:
         "string_patterns",
         "output_columns",
         "has_summarize",
+        "row_level",
         "_stages",
         "_row_stages",
         "_slot_fns",
@@ -84,6 +87,7 @@ class Query:
     string_patterns: tuple[tuple[str, str, str], ...]
     output_columns: tuple[str, ...]
     has_summarize: bool
+    row_level: bool
 
     def __init__(self, parsed: ParsedQuery) -> None:
         self.text = parsed.text
@@ -91,6 +95,7 @@ class Query:
         self.string_patterns = _string_patterns(parsed)
         self.output_columns = tuple(name for name, _ in parsed.output_columns)
         self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
+        self.row_level = _row_level(parsed)
         stages, slot_fns = compile_stages(parsed.stages)
         self._stages = stages
         self._row_stages: tuple[RowStep, ...] = plan_row_stages(stages)
@@ -137,6 +142,11 @@ def parse_query(text: str) -> Query:
     return Query(parse_kql(text))
 
 
+def _row_level(parsed: ParsedQuery) -> bool:
+    """True when every stage looks at one row at a time (where, extend, project and its variants)."""
+    return all(isinstance(stage, ROW_STAGES) for stage in parsed.stages)
+
+
 def _label(expr: Expr) -> str:
     return expr.name if isinstance(expr, Column) else expr.text
 
@@ -155,6 +165,9 @@ def _string_patterns(parsed: ParsedQuery) -> tuple[tuple[str, str, str], ...]:
             for arg in expr.args:
                 if isinstance(arg, Const) and isinstance(arg.value, str):
                     found[(_label(expr.left), op, arg.value)] = None
+        elif isinstance(expr, Call):
+            for arg in expr.args:
+                visit(arg, negated)
 
     for stage in parsed.stages:
         if isinstance(stage, WhereStage):

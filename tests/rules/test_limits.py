@@ -89,9 +89,10 @@ def test_exclusion_at_the_limit_parses_and_evaluates(shape: str) -> None:
 
 
 def test_deep_exclusion_in_a_config_names_file_line_and_column() -> None:
-    text = "[[exclusions]]\nid = 'deep'\nexpression = '" + "(" * 5000 + "signer has \"x\"" + ")" * 5000 + "'\n"
-    exclusions, problems = parse_exclusions({"exclusions": [{"id": "deep", "expression": text.split("'")[3]}]},
-                                            path="agent.toml", source_text=text)
+    text = "[[exclusions]]\nid = 'deep'\nexpression = '" + "(" * 5000 + 'signer has "x"' + ")" * 5000 + "'\n"
+    exclusions, problems = parse_exclusions(
+        {"exclusions": [{"id": "deep", "expression": text.split("'")[3]}]}, path="agent.toml", source_text=text
+    )
     assert exclusions == ()
     assert str(problems[0]).startswith("agent.toml:3:101: exclusion 'deep': expression nested deeper than 100")
 
