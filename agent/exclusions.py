@@ -105,7 +105,7 @@ import difflib
 import ntpath
 import re
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,15 +131,22 @@ class ExclusionError(Exception):
 
 @dataclass(frozen=True)
 class ExclusionProblem:
-    """One problem in an exclusions config; line 0 means the line is not known."""
+    """One problem in an exclusions config; line 0 means the line is not known.
+
+    ``severity`` is ``"error"`` (the entry is not loaded) or ``"warning"`` (it loads, but it is
+    almost certainly not what its author meant: it can never match a real path, or it names a
+    rule that is not loaded).
+    """
 
     path: str
     line: int
     column: int
     message: str
+    severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}:{self.column}: {self.message}"
+        label = "warning: " if self.severity == "warning" else ""
+        return f"{self.path}:{self.line}:{self.column}: {label}{self.message}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,10 +201,22 @@ def _column(name: str, kind: str) -> Callable[[Mapping[str, Any]], Any]:
     return lambda row: convert(row.get(name))
 
 
+def directory_of(path: str) -> str | None:
+    """``file.directory``: ``path`` up to and including its last separator, or None without one.
+
+    The directory always ends with the separator the path uses (``C:\\Deploy\\``, ``/opt/x/``), so
+    ``file.directory startswith "D:\\Deploy\\"`` holds for files directly in that folder and below,
+    and ``file.directory == "D:\\Deploy\\"`` only for files directly in it. A POSIX path (one that
+    starts with ``/``) splits on ``/`` only, since ``\\`` is an ordinary character in a POSIX name;
+    any other path splits on both ``\\`` and ``/``.
+    """
+    cut = path.rfind("/") if path.startswith("/") else max(path.rfind("/"), path.rfind("\\"))
+    return path[: cut + 1] if cut >= 0 else None
+
+
 def _file_directory(row: Mapping[str, Any]) -> str | None:
     path = _text(row.get("FolderPath"))
-    # ntpath splits on both "\\" and "/" and keeps drive and UNC roots ("C:\\", "\\\\srv\\share\\").
-    return (ntpath.dirname(path) or None) if path else None
+    return directory_of(path) if path else None
 
 
 def _file_extension(row: Mapping[str, Any]) -> str | None:
@@ -451,6 +470,43 @@ def _read_string(text: str, start: int) -> tuple[_Token, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Comparisons that can never match a real path (reported as warnings by `rules check` and at load)
+
+_SEPARATORS = ("\\", "/")
+_NAME_FIELDS = ("file.name", "process.name", "process.parent.name")
+_PATH_FIELDS = ("file.path", "file.directory", "process.executable")
+_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|[\\/])")
+
+
+def never_matches(field_name: str, op: str, value: str) -> str | None:
+    """Why ``field_name op "value"`` can never hold for a real file, or None. ``value`` may be folded."""
+    quoted = f'{op} "{value}"'
+    if field_name == "file.directory" and op in ("==", "endswith") and not value.endswith(_SEPARATORS):
+        return (
+            f"file.directory always ends with a path separator (C:\\Deploy\\, /opt/x/), so {quoted} can never "
+            "match; end the value with \\ (doubled before the closing quote) or /"
+        )
+    if field_name == "file.directory" and op == "startswith" and not value.endswith(_SEPARATORS):
+        if value.rstrip("\\/") and any(sep in value for sep in _SEPARATORS):
+            return (
+                f"{quoted} also matches sibling folders whose names start the same way ({value}_old); "
+                "end the prefix with a path separator"
+            )
+    if field_name in ("file.path", "process.executable") and op in ("==", "endswith") and value.endswith(_SEPARATORS):
+        return f"{field_name} is the path of a file and never ends with a path separator, so {quoted} can never match"
+    if field_name in _PATH_FIELDS and op in ("==", "startswith") and not _ABSOLUTE.match(value):
+        return (
+            f"{field_name} is an absolute path (C:\\..., \\\\server\\share\\..., /...), so {quoted} can never "
+            "match; use contains or endswith for a relative part"
+        )
+    if field_name in _NAME_FIELDS and any(sep in value for sep in _SEPARATORS):
+        return f"{field_name} is a bare name without path separators, so {quoted} can never match; compare file.path"
+    if field_name == "file.extension" and value.startswith("."):
+        return f'file.extension has no leading dot ("exe"), so {quoted} can never match'
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Regular expressions: RE2, so matching is linear in the subject whatever the pattern
 
 MAX_NESTING = 100  # parentheses and negations; real exclusions nest a few levels
@@ -578,6 +634,7 @@ class _Parser:
         self.index = 0
         self.fields: set[str] = set()
         self.depth = 0
+        self.warnings: list[tuple[int, str]] = []
 
     def peek(self) -> _Token:
         token = self.tokens[self.index]
@@ -700,10 +757,17 @@ class _Parser:
             raise ExclusionError(token.column, f"'{op}' compares text, but {spec.name} is {kind}; use {allowed}")
         if spec.kind == _BOOL and op == "in":
             raise ExclusionError(token.column, f"'in' takes a list of strings or numbers; {spec.name} is true or false")
+        value_token = self.peek()
         if op == "in":
             operand: Any = self.parse_list(spec, token)
+            literals = sorted(item for item in operand if isinstance(item, str))
         else:
             operand = self.parse_operand(spec, op, token)
+            literals = [value_token.value] if op != "matches" and isinstance(value_token.value, str) else []
+        for literal in literals:
+            warning = never_matches(spec.name, "==" if op == "in" else op, literal)
+            if warning is not None:
+                self.warnings.append((value_token.column, warning))
         return _Compare(spec.name, op, operand, field_token.column)
 
     def parse_literal(self, spec: _Field, op_token: _Token) -> tuple[_Token, Any]:
@@ -805,6 +869,7 @@ class Expression:
     text: str
     fields: frozenset[str]
     _root: _Node = field(repr=False, compare=False)
+    warnings: tuple[tuple[int, str], ...] = field(default=(), compare=False)  # (column, message)
 
     def matches(self, row: Mapping[str, Any]) -> bool:
         return self._root.evaluate(row)
@@ -818,7 +883,7 @@ def parse_expression(text: str) -> Expression:
         raise ExclusionError(1, f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     parser = _Parser(text)
     root = parser.parse()
-    return Expression(text=text, fields=frozenset(parser.fields), _root=root)
+    return Expression(text=text, fields=frozenset(parser.fields), _root=root, warnings=tuple(parser.warnings))
 
 
 def _rule_key(rule_id: str) -> str:
@@ -909,13 +974,24 @@ class _Locator:
 
 
 def parse_exclusions(
-    config: Mapping[str, Any], *, path: str = "<config>", source_text: str | None = None
+    config: Mapping[str, Any],
+    *,
+    path: str = "<config>",
+    source_text: str | None = None,
+    rule_ids: Collection[str] | None = None,
+    warnings: list[ExclusionProblem] | None = None,
 ) -> tuple[tuple[Exclusion, ...], tuple[ExclusionProblem, ...]]:
     """Read ``config["exclusions"]`` (see the module docstring); pure.
 
     Returns the valid exclusions, in config order, and every problem found. An entry with a
     problem is left out; for a duplicate id the first entry is kept.
+
+    When ``warnings`` is a list, warnings are appended to it: comparisons that can never match a
+    real path (:func:`never_matches`) and, when ``rule_ids`` (the loaded rules) is given, rule ids
+    that no loaded rule has. Such an entry still loads: a ``--rules`` directory may hold only
+    some rules, and a per-rule exclusion for a rule that is not loaded simply never applies.
     """
+    known_rules = {_rule_key(rule_id) for rule_id in rule_ids} if rule_ids is not None else None
     locator = _Locator(source_text)
     problems: list[ExclusionProblem] = []
     raw = config.get("exclusions")
@@ -986,6 +1062,21 @@ def parse_exclusions(
             problems.extend(entry_problems)
             continue
         assert expression is not None and isinstance(exclusion_id, str)
+        if warnings is not None:
+            line = locator.key(index, "expression", text)
+            for column, message in expression.warnings:
+                warnings.append(ExclusionProblem(path, line, column, f"{where}: {message}", "warning"))
+            unknown = [rule for rule in rules if known_rules is not None and _rule_key(rule) not in known_rules]
+            for rule in dict.fromkeys(unknown):
+                warnings.append(
+                    ExclusionProblem(
+                        path,
+                        locator.key(index, "rules"),
+                        0,
+                        f"{where}: no loaded rule has the id '{rule}', so this exclusion never applies to it",
+                        "warning",
+                    )
+                )
         exclusions.append(Exclusion(exclusion_id, expression, tuple(dict.fromkeys(rules)), reason))
     return tuple(exclusions), tuple(problems)
 

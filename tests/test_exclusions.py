@@ -254,10 +254,18 @@ def test_row_values_from_storage_are_coerced() -> None:
 @pytest.mark.parametrize(
     ("text", "data", "expected"),
     [
-        ('file.directory == "C:\\Program Files\\Pulseway"', PROCESS_ROW, True),
-        ('file.directory == "/opt/pulseway/bin"', {"FolderPath": "/opt/pulseway/bin/pcmonitor.exe"}, True),
-        ('file.directory == "C:\\Deploy/sub"', {"FolderPath": "C:\\Deploy/sub\\x.exe"}, True),
+        # file.directory ends with the path's separator (docs/exclusions.md)
+        (r'file.directory == "C:\Program Files\Pulseway\\"', PROCESS_ROW, True),
+        (r'file.directory == "C:\Program Files\Pulseway"', PROCESS_ROW, False),
+        ('file.directory == "/opt/pulseway/bin/"', {"FolderPath": "/opt/pulseway/bin/pcmonitor.exe"}, True),
+        ('file.directory == "/"', {"FolderPath": "/pcmonitor.exe"}, True),
+        ('file.directory == "/tmp/"', {"FolderPath": "/tmp/a\\b.exe"}, True),  # POSIX: \ is part of the name
+        (r'file.directory == "C:\Deploy/sub\\"', {"FolderPath": "C:\\Deploy/sub\\x.exe"}, True),
         (r'file.directory == "C:\\"', {"FolderPath": "C:\\setup.exe"}, True),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\Deploy\setup.exe"}, True),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\Deploy\sub\setup.exe"}, True),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\DeployOld\setup.exe"}, False),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\Deploy.exe"}, False),
         ('file.directory startswith "\\\\\\\\fs01\\\\deploy"', {"FolderPath": r"\\fs01\deploy\rmm\a.exe"}, True),
         ('file.directory contains "a"', {"FolderPath": "setup.exe"}, False),  # no directory part: null
         ('file.extension == "exe"', {"FileName": "Setup.EXE"}, True),
@@ -659,7 +667,7 @@ def test_example_config_loads_cleanly_and_carries_the_guide_expressions() -> Non
     assert problems == ()
 
     by_text = {exclusion.expression.text: exclusion for exclusion in exclusions}
-    for expression in GUIDE_EXPRESSIONS:
+    for expression in GUIDE_EXPRESSIONS[:1] + GUIDE_EXPRESSIONS[2:]:  # the admin one also takes DOMAIN\user
         assert by_text[expression].rules == (PULSEWAY_RULE,)
     dell = by_text['signer has "Dell"']
     assert dell.rules == () and "Dell" in dell.reason
@@ -679,3 +687,178 @@ def test_example_config_loads_cleanly_and_carries_the_guide_expressions() -> Non
 
 def test_expression_type_is_exported() -> None:
     assert isinstance(parse_expression("is_trusted"), Expression)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped example: each exclusion excludes what its comment says, and nothing else
+
+EXAMPLE = REPO / "config" / "agent.example.toml"
+STAGED = SCAN_ROW | {"FolderPath": r"D:\SoftwareDeployment\PCMonitorSetup.exe", "FileName": "PCMonitorSetup.exe"}
+CCM = SCAN_ROW | {"FolderPath": r"C:\Windows\ccmcache\3f\PCMonitorSetup.exe", "FileName": "PCMonitorSetup.exe"}
+PULSEWAY_PROCESS = PROCESS_ROW | {"ProcessName": "Pulseway.exe", "ProcessUser": r"WS01\Administrator"}
+
+# id -> (rule the row is tested for, rows it must exclude, rows it must not exclude)
+EXAMPLE_CASES: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "dell-signed": (
+        "any-rule",
+        [SCAN_ROW | {"Signer": "Dell Inc."}, SCAN_ROW | {"Signer": "DELL TECHNOLOGIES INC."}],
+        [SCAN_ROW | {"Signer": "Dellware Ltd"}, SCAN_ROW],
+    ),
+    "it-deployment-share": (
+        "any-rule",
+        [
+            STAGED,  # directly in the folder: the trap of issue 7 item 7
+            STAGED | {"FolderPath": r"D:\SoftwareDeployment\RMM\2026\PCMonitorSetup.exe"},  # below it
+            STAGED | {"FolderPath": r"d:\softwaredeployment\PCMonitorSetup.exe"},  # case-insensitive
+        ],
+        [
+            STAGED | {"IsTrusted": False},  # untrusted signatures are not excluded
+            STAGED | {"FolderPath": r"D:\SoftwareDeploymentOld\PCMonitorSetup.exe"},  # a sibling folder
+            STAGED | {"FolderPath": r"D:\SoftwareDeployment.exe"},
+            STAGED | {"FolderPath": r"E:\SoftwareDeployment\PCMonitorSetup.exe"},
+            STAGED | {"FolderPath": r"D:\Temp\SoftwareDeployment\PCMonitorSetup.exe"},
+        ],
+    ),
+    "sccm-client-cache": (
+        "any-rule",
+        [CCM, CCM | {"FolderPath": r"C:\Windows\ccmcache\PCMonitorSetup.exe"}],
+        [CCM | {"IsTrusted": False}, CCM | {"FolderPath": r"C:\Windows\ccmcache2\PCMonitorSetup.exe"}],
+    ),
+    "pulseway-self-update": (
+        PULSEWAY_RULE,
+        [PROCESS_ROW | {"FileName": "PulsewayUpdate.exe", "ParentProcessName": "Pulseway.exe"}],
+        [
+            SCAN_ROW | {"FileName": "PulsewayUpdate.exe"},  # no process facts on a disk scan row
+            PROCESS_ROW | {"FileName": "PulsewayUpdate.exe", "ParentProcessName": "explorer.exe"},
+        ],
+    ),
+    "pulseway-admin-session": (
+        PULSEWAY_RULE,
+        [PULSEWAY_PROCESS, PULSEWAY_PROCESS | {"ProcessUser": "Administrator"}],
+        [
+            PULSEWAY_PROCESS | {"ProcessUser": r"WS01\alice"},
+            PULSEWAY_PROCESS | {"ProcessUser": r"WS01\NotAdministrator"},
+            PULSEWAY_PROCESS | {"ProcessName": "other.exe"},
+        ],
+    ),
+    "pulseway-msiexec": (
+        PULSEWAY_RULE,
+        [PROCESS_ROW | {"ProcessName": "msiexec.exe", "FileName": "Pulseway.msi"}],
+        [PROCESS_ROW | {"ProcessName": "cmd.exe", "FileName": "Pulseway.msi"}, SCAN_ROW | {"FileName": "Pulseway.msi"}],
+    ),
+    "pulseway-tripwire": (
+        PULSEWAY_RULE,
+        [PROCESS_ROW | {"ProcessName": "Tripwire.exe", "ParentProcessName": "Pulseway.exe"}],
+        [PROCESS_ROW | {"ProcessName": "Tripwire.exe", "ParentProcessName": "services.exe"}],
+    ),
+    "pulseway-it-jump-hosts": (
+        PULSEWAY_RULE,
+        [
+            SCAN_ROW | {"DeviceName": "it-jump01.corp.example.com"},
+            SCAN_ROW | {"DeviceName": "IT-JUMP02.corp.example.com", "Signer": "Kaseya Holdings Inc."},
+        ],
+        [SCAN_ROW, SCAN_ROW | {"DeviceName": "it-jump01.corp.example.com", "Signer": "AnyDesk Software GmbH"}],
+    ),
+}
+
+
+def _example_exclusions() -> tuple[Exclusion, ...]:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    warnings: list[ExclusionProblem] = []
+    exclusions, problems = parse_exclusions(
+        tomllib.loads(text), path=str(EXAMPLE), source_text=text, rule_ids=[PULSEWAY_RULE], warnings=warnings
+    )
+    assert problems == () and warnings == []
+    return exclusions
+
+
+def test_every_example_exclusion_has_a_case() -> None:
+    assert [exclusion.id for exclusion in _example_exclusions()] == list(EXAMPLE_CASES)
+
+
+@pytest.mark.parametrize("exclusion_id", list(EXAMPLE_CASES))
+def test_example_exclusion_excludes_what_its_comment_says(exclusion_id: str) -> None:
+    exclusions = _example_exclusions()
+    rule, inside, outside = EXAMPLE_CASES[exclusion_id]
+    (exclusion,) = [item for item in exclusions if item.id == exclusion_id]
+    for data in inside:
+        assert exclusion.applies(data, rule), data
+        hit = first_exclusion(exclusions, data, rule)
+        assert hit is not None and hit.id == exclusion_id
+    for data in outside:
+        assert not exclusion.applies(data, rule), data
+    if exclusion.rules:  # a per-rule exclusion never applies to other rules
+        assert not any(exclusion.applies(data, "another-rule") for data in inside)
+
+
+def test_the_example_points_only_at_documents_in_the_repo() -> None:
+    import re
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    named = set(re.findall(r"\b((?:docs|agent|config)/[\w./-]+\.(?:md|py|toml|yaml))", text))
+    assert "docs/exclusions.md" in named
+    assert all((REPO / name).is_file() for name in named), named
+    assert "agent/exclusions.py" not in named
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings: comparisons that can never match a real path, and unknown rule ids
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (r'file.directory startswith "D:\SoftwareDeployment" && is_trusted', "also matches sibling folders"),
+        (r'file.directory == "C:\Tools"', "always ends with a path separator"),
+        (r'file.directory endswith "\Pulseway"', "always ends with a path separator"),
+        (r'file.directory in ["C:\Tools\\", "C:\Other"]', "always ends with a path separator"),
+        (r'file.path endswith "\\"', "never ends with a path separator"),
+        (r'file.path startswith "Program Files\Pulseway"', "is an absolute path"),
+        (r'file.directory == "Windows\Temp\\"', "is an absolute path"),
+        (r'file.name == "C:\Tools\x.exe"', "bare name without path separators"),
+        (r'process.name endswith "/pulseway"', "bare name without path separators"),
+        ('file.extension == ".exe"', "no leading dot"),
+        ('file.extension in ["exe", ".msi"]', "no leading dot"),
+    ],
+)
+def test_comparisons_that_can_never_match_are_warned_about(text: str, fragment: str) -> None:
+    expression = parse_expression(text)  # it loads ...
+    assert len(expression.warnings) == 1 and fragment in expression.warnings[0][1], expression.warnings
+    document = {"exclusions": [{"id": "x", "expression": text}]}
+    source = "[[exclusions]]\nid = 'x'\nexpression = '" + text + "'\n"
+    warnings: list[ExclusionProblem] = []
+    exclusions, problems = parse_exclusions(document, path="a.toml", source_text=source, warnings=warnings)
+    assert len(exclusions) == 1 and problems == ()  # ... and is only warned about
+    (warning,) = warnings
+    assert warning.severity == "warning" and str(warning).startswith("a.toml:3:")
+    assert ": warning: exclusion 'x': " in str(warning)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r'file.directory startswith "D:\SoftwareDeployment\\"',
+        r'file.directory == "/opt/pulseway/"',
+        r'file.directory startswith "\\\\fs01\\deploy\\"',
+        r'file.path endswith "\Pulseway\PCMonitorManager.exe"',
+        r'file.path contains "\Temp\\"',
+        'file.name endswith ".exe" && file.extension == "exe"',
+        r'file.directory matches "^[a-z]:\\\\deploy$"',
+    ],
+)
+def test_sound_path_comparisons_are_not_warned_about(text: str) -> None:
+    assert parse_expression(text).warnings == ()
+
+
+def test_unknown_rule_id_is_a_warning_with_its_line() -> None:
+    source = "[[exclusions]]\nid = 'x'\nrules = ['nope', 'Pulse']\nexpression = 'signer has \"x\"'\n"
+    warnings: list[ExclusionProblem] = []
+    exclusions, problems = parse_exclusions(
+        tomllib.loads(source), path="a.toml", source_text=source, rule_ids=["PULSE", "other"], warnings=warnings
+    )
+    assert len(exclusions) == 1 and problems == ()
+    assert [str(warning) for warning in warnings] == [
+        "a.toml:3:0: warning: exclusion 'x': no loaded rule has the id 'nope', so this exclusion never applies to it"
+    ]
+    # without the loaded rule ids (or without a warnings list) nothing is reported
+    assert parse_exclusions(tomllib.loads(source))[1] == ()
