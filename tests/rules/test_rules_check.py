@@ -12,8 +12,7 @@ from agent.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 PULSEWAY = "6192b741-4540-4416-8dbb-ce0405166d0a"
 
-TRAP = (
-    """
+TRAP = """
 [[exclusions]]
 id = "deploy"
 expression = 'file.directory startswith "D:\\SoftwareDeployment" && is_trusted'
@@ -24,11 +23,9 @@ expression = 'file.directory == "C:\\Tools"'
 
 [[exclusions]]
 id = "typo-rule"
-rules = ["6192b741-4540-4416-8dbb-ce0405166d0b", "%s"]
+rules = ["6192b741-4540-4416-8dbb-ce0405166d0b", "PULSEWAY"]
 expression = 'signer has "x"'
-"""
-    % PULSEWAY
-)
+""".replace("PULSEWAY", PULSEWAY)
 
 
 def check(capsys, tmp_path: Path, *paths: str) -> tuple[int, str, str]:
