@@ -1,5 +1,8 @@
 """Exclusions: known-good activity, written the way hunting guides write it (SPEC section 3).
 
+The user documentation is docs/exclusions.md (language, fields, case rules, the directory
+convention, Windows and POSIX paths, warnings and limits); this docstring is the reference.
+
 An exclusion is a boolean expression over the facts of one certificate row, for example::
 
     process.name == "msiexec.exe" && file.name contains "Pulseway.msi"
@@ -36,7 +39,7 @@ field                                            row column
 ===============================================  ================================================
 ``file.name``                                    FileName
 ``file.path``                                    FolderPath (the full path, as Defender's)
-``file.directory``                               directory part of FolderPath (``/`` or ``\\``)
+``file.directory``                               FolderPath up to and including its last separator
 ``file.extension``                               extension of FileName, no dot, lowercase (``exe``)
 ``file.size`` (number)                           FileSize
 ``file.hash.sha1`` / ``file.hash.sha256``        SHA1 / SHA256

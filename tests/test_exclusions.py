@@ -862,3 +862,21 @@ def test_unknown_rule_id_is_a_warning_with_its_line() -> None:
     ]
     # without the loaded rule ids (or without a warnings list) nothing is reported
     assert parse_exclusions(tomllib.loads(source))[1] == ()
+
+
+def test_the_documented_examples_load_without_warnings() -> None:
+    doc = (REPO / "docs" / "exclusions.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in doc.split("```toml\n")[1:]]
+    expressions = [text for block in blocks for text in _toml_expressions(block)]
+    assert len(expressions) >= 6
+    for text in expressions:
+        assert parse_expression(text).warnings == (), text
+
+
+def _toml_expressions(block: str) -> list[str]:
+    out: list[str] = []
+    for paragraph in block.split("\n\n"):
+        start = paragraph.find("expression = ")
+        if start >= 0:
+            out.append(tomllib.loads(paragraph[start:].split("\nreason")[0])["expression"])
+    return out
