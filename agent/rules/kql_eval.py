@@ -43,7 +43,7 @@ from agent.rules.kql_parser import (
     WhereStage,
     is_row_independent,
 )
-from agent.rules.terms import contains_folded, fold, has_any_terms, has_terms, term_key
+from agent.rules.terms import contains_folded, fold, has_terms, term_key
 
 __all__ = [
     "Evidence",
@@ -558,12 +558,32 @@ class ListPred(Pred):
             self.members: frozenset[Any] = frozenset(items)
         elif self.caseless:
             self.members = frozenset(fold(item) for item in items)
+        elif positive == "has_any":
+            self._index_has_any(items)
         self.positive = positive
 
+    def _index_has_any(self, items: tuple[Any, ...]) -> None:
+        """Needles indexed by their first term, so a row costs O(its terms), not O(items)."""
+        self.by_first_term: dict[str, list[tuple[int, str]]] = {}  # term -> [(index, needle key)]
+        for index, item in enumerate(items):
+            key = term_key(item)
+            if key:
+                self.by_first_term.setdefault(key[1:].split(" ", 1)[0], []).append((index, key))
+
+    def _match_has_any(self, value: str) -> Any:
+        hay = term_key(value)
+        best: int | None = None
+        for term in set(hay.split()):
+            for index, key in self.by_first_term.get(term, ()):
+                if (best is None or index < best) and key in hay:
+                    best = index
+                    break  # later needles with this first term have larger indexes
+        return None if best is None else self.items[best]
+
     def match(self, value: Any) -> Any:
-        """The item that `value` matched, or None (`has_all` returns all items when all match)."""
+        """The first item that `value` matched, or None (`has_all` returns all items when all match)."""
         if self.positive == "has_any":
-            return has_any_terms(value, self.items)
+            return self._match_has_any(value)
         if self.positive == "has_all":
             return self.items if all(has_terms(value, item) for item in self.items) else None
         if self.caseless:

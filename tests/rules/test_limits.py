@@ -129,3 +129,23 @@ def test_rule_loading_is_linear_in_the_query_size(build: Callable[[int], str]) -
     query = parse_query(large)
     assert query.filter_row({"Signer": "VENDOR 11999 LTD."}, now=NOW) is not None
     assert query.filter_row({"Signer": "Vendor 12000 Ltd"}, now=NOW) is None
+
+
+def test_has_any_over_a_large_list_is_indexed_and_keeps_first_match_semantics() -> None:
+    import random
+
+    from agent.rules.terms import has_any_terms
+
+    rng = random.Random(7)
+    words = ["Kaseya", "Holdings", "Inc", "AnyDesk", "Software", "GmbH", "DWSNET", "OÜ", "Krämer", "İ", "x1", "Ltd"]
+    needles = tuple(" ".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(300)) + ("Ltd.",)
+    items = ", ".join("'" + needle + "'" for needle in needles)
+    query = parse_query(f"{T} | where Signer has_any ({items})")
+    for _ in range(500):
+        signer = " ".join(rng.choices(words + [",", "."], k=rng.randint(0, 6)))
+        expected = has_any_terms(signer, needles)
+        evidence = query.filter_row({"Signer": signer}, now=NOW)
+        if expected is None:
+            assert evidence is None, signer
+        else:
+            assert evidence is not None and evidence[0].pattern == expected, signer
