@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.rules.index import Anchors, anchor_terms
 from agent.rules.kql_eval import (
     Env,
     Evidence,
@@ -63,8 +64,11 @@ from agent.rules.kql_parser import (
     WhereStage,
     parse_kql,
 )
+from agent.schema import COLUMN_TYPES
 
 __all__ = ["KqlError", "Evidence", "Query", "parse_query"]
+
+_BASE_COLUMNS = frozenset(COLUMN_TYPES)
 
 
 class Query:
@@ -77,6 +81,7 @@ class Query:
         "output_columns",
         "has_summarize",
         "row_level",
+        "anchors",
         "_stages",
         "_row_stages",
         "_slot_fns",
@@ -89,6 +94,7 @@ class Query:
     output_columns: tuple[str, ...]
     has_summarize: bool
     row_level: bool
+    anchors: Anchors | None
 
     def __init__(self, parsed: ParsedQuery) -> None:
         self.text = parsed.text
@@ -97,6 +103,7 @@ class Query:
         self.output_columns = tuple(name for name, _ in parsed.output_columns)
         self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
         self.row_level = _row_level(parsed)
+        self.anchors = anchor_terms(parsed, _BASE_COLUMNS)  # see agent.rules.index
         stages, slot_fns = compile_stages(parsed.stages)
         self._stages = stages
         self._row_stages: tuple[RowStep, ...] = plan_row_stages(stages)
