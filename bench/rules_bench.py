@@ -66,7 +66,9 @@ def bench_row_filtering(count: int) -> None:
         return sum(1 for row in rows for rule in rules if rule.query.filter_row(row, now=NOW) is not None)
 
     def indexed() -> int:
-        return sum(1 for row in rows for rule in index.candidates(row) if rule.query.filter_row(row, now=NOW) is not None)
+        return sum(
+            1 for row in rows for rule in index.candidates(row) if rule.query.filter_row(row, now=NOW) is not None
+        )
 
     assert every_rule() == indexed()
     t_all = _seconds(every_rule)
