@@ -885,7 +885,10 @@ def parse_expression(text: str) -> Expression:
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ExclusionError(1, f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     parser = _Parser(text)
-    root = parser.parse()
+    try:
+        root = parser.parse()
+    except RecursionError:  # a safety net: the parser's own nesting limit should come first
+        raise ExclusionError(1, "expression nested too deeply") from None
     return Expression(text=text, fields=frozenset(parser.fields), _root=root, warnings=tuple(parser.warnings))
 
 

@@ -1,30 +1,36 @@
-"""The KQL subset that rmmhunt's rules are written in (SPEC section 2). Pure: no I/O.
+"""The KQL subset that rmmhunt's rules are written in (SPEC section 2; user docs: docs/kql.md). Pure: no I/O.
 
 Supported, over the single table `DeviceFileCertificateInfo` (columns from agent.schema):
 
 - `let NAME = <scalar>;` with `now()`, `now(-5d)`, `ago(5d)`, `datetime(2025-01-01[T10:00:00Z])`,
   strings ('..', "..", @'..', h'..'), numbers, bools, timespans (`5d`, `12h`, `30m`, `10s`, `1ms`,
-  `10microsecond`, `1tick`, `timespan(1d)`), `dynamic([...])` arrays of constants, `+`/`-` on these;
-  and `let NAME = DeviceFileCertificateInfo | ...;` followed by `NAME | ...` (the markdown queries).
-- Stages `where` (alias `filter`), `extend`, `project`, `summarize` (`count()`, `min`, `max`,
-  `dcount`, `make_set`, named or unnamed as Kusto names them: `count_`, `min_X`, `max_X`,
-  `dcount_X`, `set_X`; optional `by`).
+  `10microsecond`, `1tick`, `timespan(1d)`), `dynamic([...])` arrays of constants, a one-column
+  `datatable(Name: type)[...]` (a list), `+`/`-` on these; and `let NAME = DeviceFileCertificateInfo
+  | ...;` followed by `NAME | ...` (the markdown queries).
+- Stages `where` (alias `filter`), `extend`, `project`, `project-away`, `project-rename`,
+  `project-reorder`, `summarize` (`count()`, `min`, `max`, `dcount`, `make_set`, `arg_max`,
+  `arg_min`, named or unnamed as Kusto names them; optional `by`, with `bin()`), `order by` /
+  `sort by` (asc/desc, nulls first/last), `take` / `limit`, `top N by`, `distinct`, `count`.
+  `TimeGenerated` reads `Timestamp`.
 - Predicates: `and`, `or`, `not(...)`, parentheses; `has`, `!has`, `has_any`, `has_all`,
   `contains`, `!contains`, `startswith`, `!startswith`, `endswith`, `!endswith`, `==`, `!=`, `=~`,
   `!~`, `in`, `!in`, `in~`, `!in~`, `between`, `!between`, `<`, `<=`, `>`, `>=`, `isempty()`,
   `isnotempty()`, `isnull()`, `isnotnull()`, bare bool columns, bool == 0/1.
+- Scalar functions `tolower`, `toupper`, `tostring`, `strlen`, `strcat`, `iff`/`iif`, `bin`.
 - `//` comments anywhere; any line layout.
 
 String semantics are in agent.rules.terms (Unicode-wide case folding, unlike Kusto's ASCII-only).
 `==`, `!=`, `in`, `!in` are case-sensitive; the others are case-insensitive. `dcount` is exact.
 A literal `has`/`has_any`/`has_all` pattern without letters or digits is rejected at parse time.
-Nulls (None or a missing key) use Kusto's three-valued logic: a row is kept only when the
-predicate is true, so `Signer !has 'x'` and `not(Signer has 'x')` both drop a row without Signer.
-Column values are coerced to the agent.schema type (0/1 -> bool, ISO text -> UTC datetime).
-Everything else raises KqlError at parse time with the line and column of the offending token.
+Strings are never null, as in Kusto: a missing string column reads as "", so `Signer !has 'x'`
+keeps a row without Signer. Other nulls (None or a missing key) use Kusto's three-valued logic: a
+row is kept only when the predicate is true. Column values are coerced to the agent.schema type
+(0/1 -> bool, ISO text -> UTC datetime). Nesting is limited (kql_parser.MAX_NESTING). Everything
+else raises KqlError at parse time with the line and column of the offending token.
 
-Besides the agreed API, Query exposes `output_columns` (names after the last stage) and
-`has_summarize`. Queries compare equal when their text is equal. Query is not picklable.
+Besides the agreed API, Query exposes `output_columns` (names after the last stage),
+`has_summarize`, `row_level` (every stage looks at one row) and `anchors` (agent.rules.index).
+Queries compare equal when their text is equal. Query is not picklable.
 """
 
 from __future__ import annotations

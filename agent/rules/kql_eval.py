@@ -1,8 +1,9 @@
 """Evaluation of a parsed KQL query over rows. Pure: rows in, rows and evidence out.
 
-Null semantics follow Kusto's three-valued logic: a leaf predicate with a null (None or missing)
-operand is null, `not(null)` is null, `and`/`or` are Kleene, and `where` keeps a row only when the
-predicate is true. So `Signer !has 'x'` and `not(Signer has 'x')` both drop a row without Signer.
+Strings are never null, as in Kusto: a missing (or non-text) string column reads as "", so
+`Signer !has 'x'` and `not(Signer has 'x')` both keep a row without Signer. Other types follow
+Kusto's three-valued logic: a leaf predicate with a null (None or missing) operand is null,
+`not(null)` is null, `and`/`or` are Kleene, and `where` keeps a row only when the predicate is true.
 
 Column values are coerced to the schema type on read, so rows straight from SQLite work too:
 0/1 for bool, ISO 8601 text for datetime (naive means UTC); a value that cannot be coerced is null.
