@@ -227,3 +227,53 @@ def test_datatable_as_a_list() -> None:
         f"{T} | where Signer has_any (Signers)"
     )
     assert reports(run(let)) == [1, 2, 3]
+
+
+# --- whole queries as hunters write them ---------------------------------------------------------------------
+
+
+def test_a_sentinel_style_hunting_query() -> None:
+    query = parse_query(
+        "let lookback = 14d;\n"
+        "let RMMSigners = dynamic(['AnyDesk Software GmbH', 'splashtop inc.']);\n"
+        f"{T}\n"
+        "| where TimeGenerated > ago(lookback)\n"
+        "| where Signer in~ (RMMSigners)\n"
+        "| summarize arg_max(TimeGenerated, *) by DeviceId\n"
+        "| project TimeGenerated, DeviceName, Signer, ReportId\n"
+        "| sort by TimeGenerated desc\n"
+        "| take 100"
+    )
+    assert query.output_columns == ("TimeGenerated", "DeviceName", "Signer", "ReportId")
+    assert query.run(ROWS, now=NOW) == [
+        {
+            "TimeGenerated": NOW - timedelta(hours=10),
+            "DeviceName": "d1.example.org",
+            "Signer": ROWS[1]["Signer"],
+            "ReportId": 2,
+        },
+        {
+            "TimeGenerated": NOW - timedelta(hours=30),
+            "DeviceName": "d2.example.org",
+            "Signer": "Splashtop Inc.",
+            "ReportId": 3,
+        },
+    ]
+    assert query.filter_row(ROWS[0], now=NOW) is not None  # row level: both wheres
+
+
+def test_a_daily_count_per_signer_with_top() -> None:
+    query = parse_query(
+        f"{T} | where isnotempty(Signer)\n"
+        "| extend Vendor = toupper(Signer)\n"
+        "| summarize Files = dcount(ReportId), LastSeen = max(Timestamp) by Vendor, Day = bin(Timestamp, 1d)\n"
+        "| top 2 by Files desc\n"
+        "| project-away Day\n"
+        "| project-rename Publisher = Vendor"
+    )
+    assert query.output_columns == ("Publisher", "Files", "LastSeen")
+    anydesk = "ANYDESK SOFTWARE GMBH"
+    assert query.run(ROWS, now=NOW) == [  # every group has one file: top keeps the first two, stably
+        {"Publisher": anydesk, "Files": 1, "LastSeen": NOW - timedelta(hours=50)},
+        {"Publisher": anydesk, "Files": 1, "LastSeen": NOW - timedelta(hours=10)},
+    ]
