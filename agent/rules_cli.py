@@ -42,21 +42,39 @@ class CheckReport:
     warnings: list[str] = field(default_factory=list)
 
 
+def _settings_problems(path: Path) -> list[str]:
+    """The config validation of `rmmhunt config check` (agent.settings.validate_config_file), so that
+    `rules check` on a config checks its settings too; none where that validation is not available."""
+    try:
+        from agent.settings import validate_config_file  # type: ignore[attr-defined]
+    except ImportError:
+        return []
+    try:
+        return [str(problem) for problem in validate_config_file(path)]
+    except RecursionError:  # tomllib recurses on nested arrays and inline tables
+        return [f"{path}:0:0: TOML error: arrays or tables nested too deeply"]
+
+
 def _check_toml(path: Path, rule_ids: Collection[str] | None, report: CheckReport) -> None:
     from agent.exclusions import ExclusionProblem, parse_exclusions
 
+    settings_problems = _settings_problems(path)
+    report.errors.extend(settings_problems)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        report.errors.append(f"{path}:0:0: cannot read the file as UTF-8 text: {exc}")
+        if not settings_problems:  # the settings validation reports an unreadable file itself
+            report.errors.append(f"{path}:0:0: cannot read the file as UTF-8 text: {exc}")
         return
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        report.errors.append(f"{path}:{getattr(exc, 'lineno', 0)}:{getattr(exc, 'colno', 0)}: TOML error: {exc}")
+        if not settings_problems:
+            report.errors.append(f"{path}:{getattr(exc, 'lineno', 0)}:{getattr(exc, 'colno', 0)}: TOML error: {exc}")
         return
     except RecursionError:  # tomllib recurses on nested arrays and inline tables
-        report.errors.append(f"{path}:0:0: TOML error: arrays or tables nested too deeply")
+        if not settings_problems:
+            report.errors.append(f"{path}:0:0: TOML error: arrays or tables nested too deeply")
         return
     warnings: list[ExclusionProblem] = []
     _exclusions, problems = parse_exclusions(

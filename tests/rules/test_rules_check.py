@@ -80,8 +80,11 @@ def test_rules_check_on_hostile_toml_is_one_clean_error(capsys, tmp_path) -> Non
     binary.write_bytes(b"\xff\xfe[[exclusions]]\n")
     code, out, _ = check(capsys, tmp_path, str(deep), str(binary))
     assert code == 2
-    assert f"{deep}:0:0: TOML error: arrays or tables nested too deeply" in out
-    assert f"{binary}:0:0: cannot read the file as UTF-8 text" in out
+    lines = out.splitlines()
+    assert [line for line in lines if line.startswith(f"{deep}:")] == [
+        f"{deep}:0:0: TOML error: arrays or tables nested too deeply"
+    ]
+    assert len([line for line in lines if line.startswith(f"{binary}:")]) == 1, out  # one line, whatever reports it
 
 
 def test_unknown_rule_id_and_never_matching_exclusion_are_warned_about_at_load(tmp_path) -> None:
