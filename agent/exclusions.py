@@ -52,6 +52,9 @@ field                                            row column
 ``process.parent.name`` (alias                   ParentProcessName
 ``process.parent_process_name``)
 ``device.name``                                  DeviceName
+``file.original_name``                           VersionInfoOriginalFileName (signed version info)
+``file.product`` / ``file.company``              VersionInfoProductName / VersionInfoCompanyName
+``file.description``                             VersionInfoFileDescription
 ===============================================  ================================================
 
 Fields that a hunting guide may use but the agent cannot observe (``event_id``, network or
@@ -258,6 +261,11 @@ def _fields() -> dict[str, _Field]:
         ("process.pid", _NUMBER, "ProcessId"),
         ("process.parent.name", _TEXT, "ParentProcessName"),
         ("device.name", _TEXT, "DeviceName"),
+        # signed version info (SPEC section 1): inside the Authenticode digest, unlike the file name
+        ("file.original_name", _TEXT, "VersionInfoOriginalFileName"),
+        ("file.product", _TEXT, "VersionInfoProductName"),
+        ("file.company", _TEXT, "VersionInfoCompanyName"),
+        ("file.description", _TEXT, "VersionInfoFileDescription"),
     )
     table = {name: _Field(name, kind, column, _column(column, kind)) for name, kind, column in plain}
     table["file.directory"] = _Field("file.directory", _TEXT, "FolderPath", _file_directory)
@@ -277,6 +285,10 @@ VALID_FIELDS: tuple[str, ...] = (
     "file.size",
     "file.hash.sha1",
     "file.hash.sha256",
+    "file.original_name",
+    "file.product",
+    "file.company",
+    "file.description",
     "signer",
     "issuer",
     "signer_hash",
@@ -304,6 +316,10 @@ _COLUMN_HINTS = {
     "processid": "process.pid",
     "parentprocessname": "process.parent.name",
     "devicename": "device.name",
+    "versioninfooriginalfilename": "file.original_name",
+    "versioninfoproductname": "file.product",
+    "versioninfocompanyname": "file.company",
+    "versioninfofiledescription": "file.description",
     # Other schemas' spellings for facts the agent has.
     "user.name": "process.user",
     "host.name": "device.name",

@@ -296,7 +296,7 @@ def test_fields_are_reported_canonically() -> None:
 
 
 def test_valid_fields_read_real_columns() -> None:
-    assert len(VALID_FIELDS) == len(set(VALID_FIELDS)) == 18
+    assert len(VALID_FIELDS) == len(set(VALID_FIELDS)) == 22
     for name in ("FileName", "FolderPath", "FileSize", "SHA1", "SHA256", "Signer", "Issuer", "SignerHash"):
         assert name in COLUMN_NAMES
     for name in ("IsTrusted", "ProcessName", "ProcessUser", "ProcessId", "ParentProcessName", "DeviceName"):
@@ -880,3 +880,20 @@ def _toml_expressions(block: str) -> list[str]:
         if start >= 0:
             out.append(tomllib.loads(paragraph[start:].split("\nreason")[0])["expression"])
     return out
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "value"),
+    [
+        ('file.original_name == "PCMonitorManager.exe"', "VersionInfoOriginalFileName", "PCMonitorManager.exe"),
+        ('file.product has "Pulseway"', "VersionInfoProductName", "Pulseway Remote Management"),
+        ('file.company startswith "MMSoft"', "VersionInfoCompanyName", "MMSoft Design Ltd."),
+        ('file.description contains "monitor"', "VersionInfoFileDescription", "Pulseway PC Monitor"),
+    ],
+)
+def test_signed_version_info_fields(text: str, column: str, value: str) -> None:
+    # a renamed binary keeps its signed version info
+    renamed = SCAN_ROW | {"FileName": "update.exe", column: value}
+    assert matches(text, renamed)
+    assert not matches(text, SCAN_ROW)  # no version info: null
+    assert "write it as" in error_of(text.replace(text.split()[0], column)).message
