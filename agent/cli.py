@@ -159,18 +159,10 @@ def _load_rules(settings: Settings, err: TextIO) -> list[Any]:
     return list(ruleset.rules)
 
 
-def _load_exclusions(settings: Settings) -> list[Any]:
-    if not settings.exclusions:
-        return []
-    from agent.exclusions import parse_exclusions
+def _load_exclusions(settings: Settings, rules: Sequence[Any] = ()) -> list[Any]:
+    from agent.rules_cli import load_exclusions
 
-    text = settings.config_file.read_text(encoding="utf-8") if settings.config_file else None
-    exclusions, problems = parse_exclusions(
-        {"exclusions": list(settings.exclusions)}, path=str(settings.config_file), source_text=text
-    )
-    if problems:
-        raise ConfigError("\n".join(str(p) for p in problems))
-    return list(exclusions)
+    return load_exclusions(settings, rules, sys.stderr)
 
 
 def _open_store(settings: Settings) -> Any:
@@ -299,7 +291,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     settings = _settings(args, follow_symlinks=args.follow_symlinks or None, verify=False if args.no_verify else None)
     rules = _load_rules(settings, sys.stderr)
-    exclusions = _load_exclusions(settings)
+    exclusions = _load_exclusions(settings, rules)
     device = _device(settings)
     if args.paths:
         roots, skip = list(args.paths), frozenset[str]()
@@ -386,7 +378,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     rules = _load_rules(settings, sys.stderr)
-    exclusions = _load_exclusions(settings)
+    exclusions = _load_exclusions(settings, rules)
     report = explain_file(args.file, settings, rules, exclusions, _device(settings))
     if args.format == "json":
         import json
@@ -398,21 +390,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from agent.rules_cli import rules_check, rules_list
+    from agent.rules_cli import rules_list, run_check
 
     settings = _settings(args)
     if args.rules_command == "list":
         rules = _load_rules(settings, sys.stderr)
         _write(rules_list(rules, args.format), args.out)
         return EXIT_CLEAN
-    problems = rules_check(args.paths, settings)
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s)", file=sys.stderr)
-        return EXIT_ERROR
-    print("ok", file=sys.stderr)
-    return EXIT_CLEAN
+    return run_check(args.paths, settings)
 
 
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}

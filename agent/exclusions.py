@@ -1,5 +1,8 @@
 """Exclusions: known-good activity, written the way hunting guides write it (SPEC section 3).
 
+The user documentation is docs/exclusions.md (language, fields, case rules, the directory
+convention, Windows and POSIX paths, warnings and limits); this docstring is the reference.
+
 An exclusion is a boolean expression over the facts of one certificate row, for example::
 
     process.name == "msiexec.exe" && file.name contains "Pulseway.msi"
@@ -36,7 +39,7 @@ field                                            row column
 ===============================================  ================================================
 ``file.name``                                    FileName
 ``file.path``                                    FolderPath (the full path, as Defender's)
-``file.directory``                               directory part of FolderPath (``/`` or ``\\``)
+``file.directory``                               FolderPath up to and including its last separator
 ``file.extension``                               extension of FileName, no dot, lowercase (``exe``)
 ``file.size`` (number)                           FileSize
 ``file.hash.sha1`` / ``file.hash.sha256``        SHA1 / SHA256
@@ -49,6 +52,9 @@ field                                            row column
 ``process.parent.name`` (alias                   ParentProcessName
 ``process.parent_process_name``)
 ``device.name``                                  DeviceName
+``file.original_name``                           VersionInfoOriginalFileName (signed version info)
+``file.product`` / ``file.company``              VersionInfoProductName / VersionInfoCompanyName
+``file.description``                             VersionInfoFileDescription
 ===============================================  ================================================
 
 Fields that a hunting guide may use but the agent cannot observe (``event_id``, network or
@@ -64,8 +70,11 @@ Semantics
   digits (combining marks belong to their term) and folded; the right side's terms must appear
   as a contiguous run of the left side's terms. ``signer has "Dell"`` matches ``Dell Inc.`` but
   not ``Dellware``; ``"Datto Inc"`` does not match ``Datto, LLC``.
-* ``matches`` is a Python ``re`` search (not a full match), case-insensitive, compiled at load
-  time; a bad pattern is a load error.
+* ``matches`` is an RE2 search (not a full match), case-insensitive, compiled at load time.
+  RE2 runs in time linear in the subject, so no pattern can hang a scan on a hostile name
+  (``^(a+)+$`` is harmless); a pattern RE2 cannot compile (backreferences, lookaround) or that
+  is longer than 4096 characters is a load error with the reason. A byte of a path that is
+  not valid UTF-8 matches as U+FFFD.
 * ``in [...]`` takes strings for text fields and numbers for numeric fields.
 * **Null.** A field whose value is missing, ``None`` or an empty string is null. Every
   comparison with a null field is false except ``!=``, which is true (``!=`` is always exactly
@@ -102,9 +111,11 @@ import difflib
 import ntpath
 import re
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2  # type: ignore[import-untyped]
 
 from agent.rules.terms import fold, has_terms
 
@@ -126,15 +137,22 @@ class ExclusionError(Exception):
 
 @dataclass(frozen=True)
 class ExclusionProblem:
-    """One problem in an exclusions config; line 0 means the line is not known."""
+    """One problem in an exclusions config; line 0 means the line is not known.
+
+    ``severity`` is ``"error"`` (the entry is not loaded) or ``"warning"`` (it loads, but it is
+    almost certainly not what its author meant: it can never match a real path, or it names a
+    rule that is not loaded).
+    """
 
     path: str
     line: int
     column: int
     message: str
+    severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}:{self.column}: {self.message}"
+        label = "warning: " if self.severity == "warning" else ""
+        return f"{self.path}:{self.line}:{self.column}: {label}{self.message}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +207,22 @@ def _column(name: str, kind: str) -> Callable[[Mapping[str, Any]], Any]:
     return lambda row: convert(row.get(name))
 
 
+def directory_of(path: str) -> str | None:
+    """``file.directory``: ``path`` up to and including its last separator, or None without one.
+
+    The directory always ends with the separator the path uses (``C:\\Deploy\\``, ``/opt/x/``), so
+    ``file.directory startswith "D:\\Deploy\\"`` holds for files directly in that folder and below,
+    and ``file.directory == "D:\\Deploy\\"`` only for files directly in it. A POSIX path (one that
+    starts with ``/``) splits on ``/`` only, since ``\\`` is an ordinary character in a POSIX name;
+    any other path splits on both ``\\`` and ``/``.
+    """
+    cut = path.rfind("/") if path.startswith("/") else max(path.rfind("/"), path.rfind("\\"))
+    return path[: cut + 1] if cut >= 0 else None
+
+
 def _file_directory(row: Mapping[str, Any]) -> str | None:
     path = _text(row.get("FolderPath"))
-    # ntpath splits on both "\\" and "/" and keeps drive and UNC roots ("C:\\", "\\\\srv\\share\\").
-    return (ntpath.dirname(path) or None) if path else None
+    return directory_of(path) if path else None
 
 
 def _file_extension(row: Mapping[str, Any]) -> str | None:
@@ -231,6 +261,11 @@ def _fields() -> dict[str, _Field]:
         ("process.pid", _NUMBER, "ProcessId"),
         ("process.parent.name", _TEXT, "ParentProcessName"),
         ("device.name", _TEXT, "DeviceName"),
+        # signed version info (SPEC section 1): inside the Authenticode digest, unlike the file name
+        ("file.original_name", _TEXT, "VersionInfoOriginalFileName"),
+        ("file.product", _TEXT, "VersionInfoProductName"),
+        ("file.company", _TEXT, "VersionInfoCompanyName"),
+        ("file.description", _TEXT, "VersionInfoFileDescription"),
     )
     table = {name: _Field(name, kind, column, _column(column, kind)) for name, kind, column in plain}
     table["file.directory"] = _Field("file.directory", _TEXT, "FolderPath", _file_directory)
@@ -250,6 +285,10 @@ VALID_FIELDS: tuple[str, ...] = (
     "file.size",
     "file.hash.sha1",
     "file.hash.sha256",
+    "file.original_name",
+    "file.product",
+    "file.company",
+    "file.description",
     "signer",
     "issuer",
     "signer_hash",
@@ -277,6 +316,10 @@ _COLUMN_HINTS = {
     "processid": "process.pid",
     "parentprocessname": "process.parent.name",
     "devicename": "device.name",
+    "versioninfooriginalfilename": "file.original_name",
+    "versioninfoproductname": "file.product",
+    "versioninfocompanyname": "file.company",
+    "versioninfofiledescription": "file.description",
     # Other schemas' spellings for facts the agent has.
     "user.name": "process.user",
     "host.name": "device.name",
@@ -446,6 +489,85 @@ def _read_string(text: str, start: int) -> tuple[_Token, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Comparisons that can never match a real path (reported as warnings by `rules check` and at load)
+
+_SEPARATORS = ("\\", "/")
+_NAME_FIELDS = ("file.name", "process.name", "process.parent.name")
+_PATH_FIELDS = ("file.path", "file.directory", "process.executable")
+_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|[\\/])")
+
+
+def never_matches(field_name: str, op: str, value: str) -> str | None:
+    """Why ``field_name op "value"`` can never hold for a real file, or None. ``value`` may be folded."""
+    quoted = f'{op} "{value}"'
+    if field_name == "file.directory" and op in ("==", "endswith") and not value.endswith(_SEPARATORS):
+        return (
+            f"file.directory always ends with a path separator (C:\\Deploy\\, /opt/x/), so {quoted} can never "
+            "match; end the value with \\ (doubled before the closing quote) or /"
+        )
+    if field_name == "file.directory" and op == "startswith" and not value.endswith(_SEPARATORS):
+        if value.rstrip("\\/") and any(sep in value for sep in _SEPARATORS):
+            return (
+                f"{quoted} also matches sibling folders whose names start the same way ({value}_old); "
+                "end the prefix with a path separator"
+            )
+    if field_name in ("file.path", "process.executable") and op in ("==", "endswith") and value.endswith(_SEPARATORS):
+        return f"{field_name} is the path of a file and never ends with a path separator, so {quoted} can never match"
+    if field_name in _PATH_FIELDS and op in ("==", "startswith") and not _ABSOLUTE.match(value):
+        return (
+            f"{field_name} is an absolute path (C:\\..., \\\\server\\share\\..., /...), so {quoted} can never "
+            "match; use contains or endswith for a relative part"
+        )
+    if field_name in _NAME_FIELDS and any(sep in value for sep in _SEPARATORS):
+        return f"{field_name} is a bare name without path separators, so {quoted} can never match; compare file.path"
+    if field_name == "file.extension" and value.startswith("."):
+        return f'file.extension has no leading dot ("exe"), so {quoted} can never match'
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Regular expressions: RE2, so matching is linear in the subject whatever the pattern
+
+MAX_NESTING = 100  # parentheses and negations; real exclusions nest a few levels
+MAX_EXPRESSION_CHARS = 65536
+MAX_REGEX_CHARS = 4096
+_RE2_MAX_MEM = 8 << 20  # bytes of compiled program; a pattern needing more is a load error
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # the reason goes into the load error, not onto stderr
+    options.max_mem = _RE2_MAX_MEM
+    return options
+
+
+def _compile_regex(pattern: str, token: _Token) -> Any:
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise ExclusionError(token.column, f"regular expression longer than {MAX_REGEX_CHARS} characters")
+    try:
+        return re2.compile(_regex_subject(pattern), _re2_options())
+    except re2.error as error:
+        reason = error.args[0] if error.args else error
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ExclusionError(
+            token.column,
+            f"bad regular expression {token.text}: {reason} (RE2 syntax: no backreferences or lookaround)",
+        ) from None
+
+
+def _regex_subject(text: str) -> str:
+    """NFC text that RE2 can take: a byte kept by surrogateescape becomes U+FFFD for matching."""
+    if _SURROGATES.search(text):
+        text = _SURROGATES.sub("\ufffd", text)
+    return unicodedata.normalize("NFC", text)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+# --------------------------------------------------------------------------------------------
 # Syntax tree (frozen; operands are folded and compiled at load time)
 
 
@@ -471,7 +593,7 @@ class _Compare:
         if op == "has":
             return has_terms(value, operand)
         if op == "matches":
-            return operand.search(unicodedata.normalize("NFC", value)) is not None
+            return operand.search(_regex_subject(value)) is not None
         folded = fold(value)
         if op == "==":
             return folded == operand
@@ -530,6 +652,8 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.index = 0
         self.fields: set[str] = set()
+        self.depth = 0
+        self.warnings: list[tuple[int, str]] = []
 
     def peek(self) -> _Token:
         token = self.tokens[self.index]
@@ -575,16 +699,33 @@ class _Parser:
         return operands[0] if len(operands) == 1 else _All(tuple(operands))
 
     def parse_unary(self) -> _Node:
-        if self.is_op("!") or self.peek().is_word("not"):
-            self.advance()
-            return _Not(self.parse_unary())
-        return self.parse_primary()
+        negations: list[_Token] = []
+        while self.is_op("!") or self.peek().is_word("not"):  # a loop, not recursion: `!!!...` is flat
+            negations.append(self.advance())
+            self.nest(negations[-1])
+        try:
+            node = self.parse_primary()
+        finally:
+            self.depth -= len(negations)
+        for _ in negations:
+            node = _Not(node)
+        return node
+
+    def nest(self, token: _Token) -> None:
+        """Enter one level of nesting; past MAX_NESTING it is a load error, never a RecursionError."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise ExclusionError(token.column, f"expression nested deeper than {MAX_NESTING} levels")
 
     def parse_primary(self) -> _Node:
         token = self.peek()
         if token.kind == "op" and token.text == "(":
             self.advance()
-            node = self.parse_or()
+            self.nest(token)
+            try:
+                node = self.parse_or()
+            finally:
+                self.depth -= 1
             closing = self.peek()
             if not (closing.kind == "op" and closing.text == ")"):
                 raise ExclusionError(
@@ -635,10 +776,17 @@ class _Parser:
             raise ExclusionError(token.column, f"'{op}' compares text, but {spec.name} is {kind}; use {allowed}")
         if spec.kind == _BOOL and op == "in":
             raise ExclusionError(token.column, f"'in' takes a list of strings or numbers; {spec.name} is true or false")
+        value_token = self.peek()
         if op == "in":
             operand: Any = self.parse_list(spec, token)
+            literals = sorted(item for item in operand if isinstance(item, str))
         else:
             operand = self.parse_operand(spec, op, token)
+            literals = [value_token.value] if op != "matches" and isinstance(value_token.value, str) else []
+        for literal in literals:
+            warning = never_matches(spec.name, "==" if op == "in" else op, literal)
+            if warning is not None:
+                self.warnings.append((value_token.column, warning))
         return _Compare(spec.name, op, operand, field_token.column)
 
     def parse_literal(self, spec: _Field, op_token: _Token) -> tuple[_Token, Any]:
@@ -695,10 +843,7 @@ class _Parser:
                 raise ExclusionError(token.column, f"'has' needs at least one letter or digit in {token.text}")
             return value
         if op == "matches":
-            try:
-                return re.compile(unicodedata.normalize("NFC", value), re.IGNORECASE)
-            except re.error as error:
-                raise ExclusionError(token.column, f"bad regular expression {token.text}: {error}") from None
+            return _compile_regex(value, token)
         return fold(value)
 
     def parse_list(self, spec: _Field, op_token: _Token) -> frozenset[Any]:
@@ -743,6 +888,7 @@ class Expression:
     text: str
     fields: frozenset[str]
     _root: _Node = field(repr=False, compare=False)
+    warnings: tuple[tuple[int, str], ...] = field(default=(), compare=False)  # (column, message)
 
     def matches(self, row: Mapping[str, Any]) -> bool:
         return self._root.evaluate(row)
@@ -752,9 +898,14 @@ def parse_expression(text: str) -> Expression:
     """Parse and check one expression; raise :class:`ExclusionError` naming the column."""
     if not isinstance(text, str):
         raise ExclusionError(1, f"an expression must be a string, not {type(text).__name__}")
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise ExclusionError(1, f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     parser = _Parser(text)
-    root = parser.parse()
-    return Expression(text=text, fields=frozenset(parser.fields), _root=root)
+    try:
+        root = parser.parse()
+    except RecursionError:  # a safety net: the parser's own nesting limit should come first
+        raise ExclusionError(1, "expression nested too deeply") from None
+    return Expression(text=text, fields=frozenset(parser.fields), _root=root, warnings=tuple(parser.warnings))
 
 
 def _rule_key(rule_id: str) -> str:
@@ -845,13 +996,24 @@ class _Locator:
 
 
 def parse_exclusions(
-    config: Mapping[str, Any], *, path: str = "<config>", source_text: str | None = None
+    config: Mapping[str, Any],
+    *,
+    path: str = "<config>",
+    source_text: str | None = None,
+    rule_ids: Collection[str] | None = None,
+    warnings: list[ExclusionProblem] | None = None,
 ) -> tuple[tuple[Exclusion, ...], tuple[ExclusionProblem, ...]]:
     """Read ``config["exclusions"]`` (see the module docstring); pure.
 
     Returns the valid exclusions, in config order, and every problem found. An entry with a
     problem is left out; for a duplicate id the first entry is kept.
+
+    When ``warnings`` is a list, warnings are appended to it: comparisons that can never match a
+    real path (:func:`never_matches`) and, when ``rule_ids`` (the loaded rules) is given, rule ids
+    that no loaded rule has. Such an entry still loads: a ``--rules`` directory may hold only
+    some rules, and a per-rule exclusion for a rule that is not loaded simply never applies.
     """
+    known_rules = {_rule_key(rule_id) for rule_id in rule_ids} if rule_ids is not None else None
     locator = _Locator(source_text)
     problems: list[ExclusionProblem] = []
     raw = config.get("exclusions")
@@ -922,6 +1084,21 @@ def parse_exclusions(
             problems.extend(entry_problems)
             continue
         assert expression is not None and isinstance(exclusion_id, str)
+        if warnings is not None:
+            line = locator.key(index, "expression", text)
+            for column, message in expression.warnings:
+                warnings.append(ExclusionProblem(path, line, column, f"{where}: {message}", "warning"))
+            unknown = [rule for rule in rules if known_rules is not None and _rule_key(rule) not in known_rules]
+            for rule in dict.fromkeys(unknown):
+                warnings.append(
+                    ExclusionProblem(
+                        path,
+                        locator.key(index, "rules"),
+                        0,
+                        f"{where}: no loaded rule has the id '{rule}', so this exclusion never applies to it",
+                        "warning",
+                    )
+                )
         exclusions.append(Exclusion(exclusion_id, expression, tuple(dict.fromkeys(rules)), reason))
     return tuple(exclusions), tuple(problems)
 

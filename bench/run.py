@@ -29,6 +29,7 @@ from agent.extract.authenticode import TrustVerifier, extract_stream, load_roots
 from agent.rows import Device  # noqa: E402
 from agent.scanner import Matcher, Scanner  # noqa: E402
 from agent.store import Store  # noqa: E402
+from bench import rules_bench  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "files"
 SIGNED = [
@@ -184,6 +185,7 @@ def main() -> int:
         bench_walk(args.files, work)
         bench_extraction(args.rounds)
         bench_verification(args.copies)
+        rules_bench.main()
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

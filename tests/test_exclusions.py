@@ -254,10 +254,18 @@ def test_row_values_from_storage_are_coerced() -> None:
 @pytest.mark.parametrize(
     ("text", "data", "expected"),
     [
-        ('file.directory == "C:\\Program Files\\Pulseway"', PROCESS_ROW, True),
-        ('file.directory == "/opt/pulseway/bin"', {"FolderPath": "/opt/pulseway/bin/pcmonitor.exe"}, True),
-        ('file.directory == "C:\\Deploy/sub"', {"FolderPath": "C:\\Deploy/sub\\x.exe"}, True),
+        # file.directory ends with the path's separator (docs/exclusions.md)
+        (r'file.directory == "C:\Program Files\Pulseway\\"', PROCESS_ROW, True),
+        (r'file.directory == "C:\Program Files\Pulseway"', PROCESS_ROW, False),
+        ('file.directory == "/opt/pulseway/bin/"', {"FolderPath": "/opt/pulseway/bin/pcmonitor.exe"}, True),
+        ('file.directory == "/"', {"FolderPath": "/pcmonitor.exe"}, True),
+        ('file.directory == "/tmp/"', {"FolderPath": "/tmp/a\\b.exe"}, True),  # POSIX: \ is part of the name
+        (r'file.directory == "C:\Deploy/sub\\"', {"FolderPath": "C:\\Deploy/sub\\x.exe"}, True),
         (r'file.directory == "C:\\"', {"FolderPath": "C:\\setup.exe"}, True),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\Deploy\setup.exe"}, True),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\Deploy\sub\setup.exe"}, True),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\DeployOld\setup.exe"}, False),
+        (r'file.directory startswith "D:\Deploy\\"', {"FolderPath": r"D:\Deploy.exe"}, False),
         ('file.directory startswith "\\\\\\\\fs01\\\\deploy"', {"FolderPath": r"\\fs01\deploy\rmm\a.exe"}, True),
         ('file.directory contains "a"', {"FolderPath": "setup.exe"}, False),  # no directory part: null
         ('file.extension == "exe"', {"FileName": "Setup.EXE"}, True),
@@ -288,7 +296,7 @@ def test_fields_are_reported_canonically() -> None:
 
 
 def test_valid_fields_read_real_columns() -> None:
-    assert len(VALID_FIELDS) == len(set(VALID_FIELDS)) == 18
+    assert len(VALID_FIELDS) == len(set(VALID_FIELDS)) == 22
     for name in ("FileName", "FolderPath", "FileSize", "SHA1", "SHA256", "Signer", "Issuer", "SignerHash"):
         assert name in COLUMN_NAMES
     for name in ("IsTrusted", "ProcessName", "ProcessUser", "ProcessId", "ParentProcessName", "DeviceName"):
@@ -443,12 +451,46 @@ def test_the_leftmost_error_is_reported() -> None:
     assert err.column == 1 and "bogus" in err.message
 
 
-@pytest.mark.parametrize("pattern", ["([", "a{2,1}", "(?P<x>a)(?P<x>b)", "*"])
-def test_bad_regex_is_a_load_error(pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("([", "missing"),
+        ("a{2,1}", "invalid repetition size"),
+        ("*", "no argument for repetition"),
+        ("(a)\\1", "invalid escape"),  # a backreference: RE2 has none
+        ("(?=a)b", "invalid perl operator"),  # lookahead
+        ("(?<!a)b", "invalid perl operator"),  # lookbehind
+    ],
+)
+def test_bad_regex_is_a_load_error_with_the_reason(pattern: str, reason: str) -> None:
     err = error_of(f'file.name matches "{pattern}"')
     assert err.column == 19
-    assert "bad regular expression" in err.message
     assert f'bad regular expression "{pattern}": ' in err.message
+    assert reason in err.message and "RE2" in err.message, err.message
+
+
+def test_regex_matching_is_linear_on_hostile_names() -> None:
+    # Python's re never finishes `^(a+)+$` against 30 a's and a b; RE2 answers at once.
+    expression = parse_expression('file.name matches "^(a+)+$"')
+    assert not expression.matches(row(FileName="a" * 30 + "b"))
+    assert not expression.matches(row(FileName="a" * 100_000 + "!"))
+    assert expression.matches(row(FileName="A" * 30))
+    nested = parse_expression('file.name matches "(x+x+)+y"')
+    assert not nested.matches(row(FileName="x" * 50_000))
+
+
+def test_regex_on_undecodable_path_bytes() -> None:
+    # A surrogateescape path (raw byte 0xff) matches; the byte stands for U+FFFD.
+    name = b"setup\xff.exe".decode("utf-8", "surrogateescape")
+    assert matches('file.name matches "^setup.\\.exe$"', row(FileName=name))
+    assert matches('file.name contains "setup"', row(FileName=name))
+
+
+def test_oversized_regex_and_expression_are_load_errors() -> None:
+    err = error_of('file.name matches "' + "a" * 5000 + '"')
+    assert "longer than 4096" in err.message
+    err = error_of('file.name == "' + "a" * 70_000 + '"')
+    assert "longer than 65536" in err.message
 
 
 def test_regex_is_a_case_insensitive_search() -> None:
@@ -625,7 +667,7 @@ def test_example_config_loads_cleanly_and_carries_the_guide_expressions() -> Non
     assert problems == ()
 
     by_text = {exclusion.expression.text: exclusion for exclusion in exclusions}
-    for expression in GUIDE_EXPRESSIONS:
+    for expression in GUIDE_EXPRESSIONS[:1] + GUIDE_EXPRESSIONS[2:]:  # the admin one also takes DOMAIN\user
         assert by_text[expression].rules == (PULSEWAY_RULE,)
     dell = by_text['signer has "Dell"']
     assert dell.rules == () and "Dell" in dell.reason
@@ -645,3 +687,213 @@ def test_example_config_loads_cleanly_and_carries_the_guide_expressions() -> Non
 
 def test_expression_type_is_exported() -> None:
     assert isinstance(parse_expression("is_trusted"), Expression)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped example: each exclusion excludes what its comment says, and nothing else
+
+EXAMPLE = REPO / "config" / "agent.example.toml"
+STAGED = SCAN_ROW | {"FolderPath": r"D:\SoftwareDeployment\PCMonitorSetup.exe", "FileName": "PCMonitorSetup.exe"}
+CCM = SCAN_ROW | {"FolderPath": r"C:\Windows\ccmcache\3f\PCMonitorSetup.exe", "FileName": "PCMonitorSetup.exe"}
+PULSEWAY_PROCESS = PROCESS_ROW | {"ProcessName": "Pulseway.exe", "ProcessUser": r"WS01\Administrator"}
+
+# id -> (rule the row is tested for, rows it must exclude, rows it must not exclude)
+EXAMPLE_CASES: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "dell-signed": (
+        "any-rule",
+        [SCAN_ROW | {"Signer": "Dell Inc."}, SCAN_ROW | {"Signer": "DELL TECHNOLOGIES INC."}],
+        [SCAN_ROW | {"Signer": "Dellware Ltd"}, SCAN_ROW],
+    ),
+    "it-deployment-share": (
+        "any-rule",
+        [
+            STAGED,  # directly in the folder: the trap of issue 7 item 7
+            STAGED | {"FolderPath": r"D:\SoftwareDeployment\RMM\2026\PCMonitorSetup.exe"},  # below it
+            STAGED | {"FolderPath": r"d:\softwaredeployment\PCMonitorSetup.exe"},  # case-insensitive
+        ],
+        [
+            STAGED | {"IsTrusted": False},  # untrusted signatures are not excluded
+            STAGED | {"FolderPath": r"D:\SoftwareDeploymentOld\PCMonitorSetup.exe"},  # a sibling folder
+            STAGED | {"FolderPath": r"D:\SoftwareDeployment.exe"},
+            STAGED | {"FolderPath": r"E:\SoftwareDeployment\PCMonitorSetup.exe"},
+            STAGED | {"FolderPath": r"D:\Temp\SoftwareDeployment\PCMonitorSetup.exe"},
+        ],
+    ),
+    "sccm-client-cache": (
+        "any-rule",
+        [CCM, CCM | {"FolderPath": r"C:\Windows\ccmcache\PCMonitorSetup.exe"}],
+        [CCM | {"IsTrusted": False}, CCM | {"FolderPath": r"C:\Windows\ccmcache2\PCMonitorSetup.exe"}],
+    ),
+    "pulseway-self-update": (
+        PULSEWAY_RULE,
+        [PROCESS_ROW | {"FileName": "PulsewayUpdate.exe", "ParentProcessName": "Pulseway.exe"}],
+        [
+            SCAN_ROW | {"FileName": "PulsewayUpdate.exe"},  # no process facts on a disk scan row
+            PROCESS_ROW | {"FileName": "PulsewayUpdate.exe", "ParentProcessName": "explorer.exe"},
+        ],
+    ),
+    "pulseway-admin-session": (
+        PULSEWAY_RULE,
+        [PULSEWAY_PROCESS, PULSEWAY_PROCESS | {"ProcessUser": "Administrator"}],
+        [
+            PULSEWAY_PROCESS | {"ProcessUser": r"WS01\alice"},
+            PULSEWAY_PROCESS | {"ProcessUser": r"WS01\NotAdministrator"},
+            PULSEWAY_PROCESS | {"ProcessName": "other.exe"},
+        ],
+    ),
+    "pulseway-msiexec": (
+        PULSEWAY_RULE,
+        [PROCESS_ROW | {"ProcessName": "msiexec.exe", "FileName": "Pulseway.msi"}],
+        [PROCESS_ROW | {"ProcessName": "cmd.exe", "FileName": "Pulseway.msi"}, SCAN_ROW | {"FileName": "Pulseway.msi"}],
+    ),
+    "pulseway-tripwire": (
+        PULSEWAY_RULE,
+        [PROCESS_ROW | {"ProcessName": "Tripwire.exe", "ParentProcessName": "Pulseway.exe"}],
+        [PROCESS_ROW | {"ProcessName": "Tripwire.exe", "ParentProcessName": "services.exe"}],
+    ),
+    "pulseway-it-jump-hosts": (
+        PULSEWAY_RULE,
+        [
+            SCAN_ROW | {"DeviceName": "it-jump01.corp.example.com"},
+            SCAN_ROW | {"DeviceName": "IT-JUMP02.corp.example.com", "Signer": "Kaseya Holdings Inc."},
+        ],
+        [SCAN_ROW, SCAN_ROW | {"DeviceName": "it-jump01.corp.example.com", "Signer": "AnyDesk Software GmbH"}],
+    ),
+}
+
+
+def _example_exclusions() -> tuple[Exclusion, ...]:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    warnings: list[ExclusionProblem] = []
+    exclusions, problems = parse_exclusions(
+        tomllib.loads(text), path=str(EXAMPLE), source_text=text, rule_ids=[PULSEWAY_RULE], warnings=warnings
+    )
+    assert problems == () and warnings == []
+    return exclusions
+
+
+def test_every_example_exclusion_has_a_case() -> None:
+    assert [exclusion.id for exclusion in _example_exclusions()] == list(EXAMPLE_CASES)
+
+
+@pytest.mark.parametrize("exclusion_id", list(EXAMPLE_CASES))
+def test_example_exclusion_excludes_what_its_comment_says(exclusion_id: str) -> None:
+    exclusions = _example_exclusions()
+    rule, inside, outside = EXAMPLE_CASES[exclusion_id]
+    (exclusion,) = [item for item in exclusions if item.id == exclusion_id]
+    for data in inside:
+        assert exclusion.applies(data, rule), data
+        hit = first_exclusion(exclusions, data, rule)
+        assert hit is not None and hit.id == exclusion_id
+    for data in outside:
+        assert not exclusion.applies(data, rule), data
+    if exclusion.rules:  # a per-rule exclusion never applies to other rules
+        assert not any(exclusion.applies(data, "another-rule") for data in inside)
+
+
+def test_the_example_points_only_at_documents_in_the_repo() -> None:
+    import re
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    named = set(re.findall(r"\b((?:docs|agent|config)/[\w./-]+\.(?:md|py|toml|yaml))", text))
+    assert "docs/exclusions.md" in named
+    assert all((REPO / name).is_file() for name in named), named
+    assert "agent/exclusions.py" not in named
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings: comparisons that can never match a real path, and unknown rule ids
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (r'file.directory startswith "D:\SoftwareDeployment" && is_trusted', "also matches sibling folders"),
+        (r'file.directory == "C:\Tools"', "always ends with a path separator"),
+        (r'file.directory endswith "\Pulseway"', "always ends with a path separator"),
+        (r'file.directory in ["C:\Tools\\", "C:\Other"]', "always ends with a path separator"),
+        (r'file.path endswith "\\"', "never ends with a path separator"),
+        (r'file.path startswith "Program Files\Pulseway"', "is an absolute path"),
+        (r'file.directory == "Windows\Temp\\"', "is an absolute path"),
+        (r'file.name == "C:\Tools\x.exe"', "bare name without path separators"),
+        (r'process.name endswith "/pulseway"', "bare name without path separators"),
+        ('file.extension == ".exe"', "no leading dot"),
+        ('file.extension in ["exe", ".msi"]', "no leading dot"),
+    ],
+)
+def test_comparisons_that_can_never_match_are_warned_about(text: str, fragment: str) -> None:
+    expression = parse_expression(text)  # it loads ...
+    assert len(expression.warnings) == 1 and fragment in expression.warnings[0][1], expression.warnings
+    document = {"exclusions": [{"id": "x", "expression": text}]}
+    source = "[[exclusions]]\nid = 'x'\nexpression = '" + text + "'\n"
+    warnings: list[ExclusionProblem] = []
+    exclusions, problems = parse_exclusions(document, path="a.toml", source_text=source, warnings=warnings)
+    assert len(exclusions) == 1 and problems == ()  # ... and is only warned about
+    (warning,) = warnings
+    assert warning.severity == "warning" and str(warning).startswith("a.toml:3:")
+    assert ": warning: exclusion 'x': " in str(warning)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r'file.directory startswith "D:\SoftwareDeployment\\"',
+        r'file.directory == "/opt/pulseway/"',
+        r'file.directory startswith "\\\\fs01\\deploy\\"',
+        r'file.path endswith "\Pulseway\PCMonitorManager.exe"',
+        r'file.path contains "\Temp\\"',
+        'file.name endswith ".exe" && file.extension == "exe"',
+        r'file.directory matches "^[a-z]:\\\\deploy$"',
+    ],
+)
+def test_sound_path_comparisons_are_not_warned_about(text: str) -> None:
+    assert parse_expression(text).warnings == ()
+
+
+def test_unknown_rule_id_is_a_warning_with_its_line() -> None:
+    source = "[[exclusions]]\nid = 'x'\nrules = ['nope', 'Pulse']\nexpression = 'signer has \"x\"'\n"
+    warnings: list[ExclusionProblem] = []
+    exclusions, problems = parse_exclusions(
+        tomllib.loads(source), path="a.toml", source_text=source, rule_ids=["PULSE", "other"], warnings=warnings
+    )
+    assert len(exclusions) == 1 and problems == ()
+    assert [str(warning) for warning in warnings] == [
+        "a.toml:3:0: warning: exclusion 'x': no loaded rule has the id 'nope', so this exclusion never applies to it"
+    ]
+    # without the loaded rule ids (or without a warnings list) nothing is reported
+    assert parse_exclusions(tomllib.loads(source))[1] == ()
+
+
+def test_the_documented_examples_load_without_warnings() -> None:
+    doc = (REPO / "docs" / "exclusions.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in doc.split("```toml\n")[1:]]
+    expressions = [text for block in blocks for text in _toml_expressions(block)]
+    assert len(expressions) >= 6
+    for text in expressions:
+        assert parse_expression(text).warnings == (), text
+
+
+def _toml_expressions(block: str) -> list[str]:
+    out: list[str] = []
+    for paragraph in block.split("\n\n"):
+        start = paragraph.find("expression = ")
+        if start >= 0:
+            out.append(tomllib.loads(paragraph[start:].split("\nreason")[0])["expression"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "value"),
+    [
+        ('file.original_name == "PCMonitorManager.exe"', "VersionInfoOriginalFileName", "PCMonitorManager.exe"),
+        ('file.product has "Pulseway"', "VersionInfoProductName", "Pulseway Remote Management"),
+        ('file.company startswith "MMSoft"', "VersionInfoCompanyName", "MMSoft Design Ltd."),
+        ('file.description contains "monitor"', "VersionInfoFileDescription", "Pulseway PC Monitor"),
+    ],
+)
+def test_signed_version_info_fields(text: str, column: str, value: str) -> None:
+    # a renamed binary keeps its signed version info
+    renamed = SCAN_ROW | {"FileName": "update.exe", column: value}
+    assert matches(text, renamed)
+    assert not matches(text, SCAN_ROW)  # no version info: null
+    assert "write it as" in error_of(text.replace(text.split()[0], column)).message

@@ -1,38 +1,46 @@
-"""The KQL subset that rmmhunt's rules are written in (SPEC section 2). Pure: no I/O.
+"""The KQL subset that rmmhunt's rules are written in (SPEC section 2; user docs: docs/kql.md). Pure: no I/O.
 
 Supported, over the single table `DeviceFileCertificateInfo` (columns from agent.schema):
 
 - `let NAME = <scalar>;` with `now()`, `now(-5d)`, `ago(5d)`, `datetime(2025-01-01[T10:00:00Z])`,
   strings ('..', "..", @'..', h'..'), numbers, bools, timespans (`5d`, `12h`, `30m`, `10s`, `1ms`,
-  `10microsecond`, `1tick`, `timespan(1d)`), `dynamic([...])` arrays of constants, `+`/`-` on these;
-  and `let NAME = DeviceFileCertificateInfo | ...;` followed by `NAME | ...` (the markdown queries).
-- Stages `where` (alias `filter`), `extend`, `project`, `summarize` (`count()`, `min`, `max`,
-  `dcount`, `make_set`, named or unnamed as Kusto names them: `count_`, `min_X`, `max_X`,
-  `dcount_X`, `set_X`; optional `by`).
+  `10microsecond`, `1tick`, `timespan(1d)`), `dynamic([...])` arrays of constants, a one-column
+  `datatable(Name: type)[...]` (a list), `+`/`-` on these; and `let NAME = DeviceFileCertificateInfo
+  | ...;` followed by `NAME | ...` (the markdown queries).
+- Stages `where` (alias `filter`), `extend`, `project`, `project-away`, `project-rename`,
+  `project-reorder`, `summarize` (`count()`, `min`, `max`, `dcount`, `make_set`, `arg_max`,
+  `arg_min`, named or unnamed as Kusto names them; optional `by`, with `bin()`), `order by` /
+  `sort by` (asc/desc, nulls first/last), `take` / `limit`, `top N by`, `distinct`, `count`.
+  `TimeGenerated` reads `Timestamp`.
 - Predicates: `and`, `or`, `not(...)`, parentheses; `has`, `!has`, `has_any`, `has_all`,
   `contains`, `!contains`, `startswith`, `!startswith`, `endswith`, `!endswith`, `==`, `!=`, `=~`,
   `!~`, `in`, `!in`, `in~`, `!in~`, `between`, `!between`, `<`, `<=`, `>`, `>=`, `isempty()`,
   `isnotempty()`, `isnull()`, `isnotnull()`, bare bool columns, bool == 0/1.
+- Scalar functions `tolower`, `toupper`, `tostring`, `strlen`, `strcat`, `iff`/`iif`, `bin`.
 - `//` comments anywhere; any line layout.
 
 String semantics are in agent.rules.terms (Unicode-wide case folding, unlike Kusto's ASCII-only).
 `==`, `!=`, `in`, `!in` are case-sensitive; the others are case-insensitive. `dcount` is exact.
 A literal `has`/`has_any`/`has_all` pattern without letters or digits is rejected at parse time.
-Nulls (None or a missing key) use Kusto's three-valued logic: a row is kept only when the
-predicate is true, so `Signer !has 'x'` and `not(Signer has 'x')` both drop a row without Signer.
-Column values are coerced to the agent.schema type (0/1 -> bool, ISO text -> UTC datetime).
-Everything else raises KqlError at parse time with the line and column of the offending token.
+Strings are never null, as in Kusto: a missing string column reads as "", so `Signer !has 'x'`
+keeps a row without Signer. Other nulls (None or a missing key) use Kusto's three-valued logic: a
+row is kept only when the predicate is true. Column values are coerced to the agent.schema type
+(0/1 -> bool, ISO text -> UTC datetime). Nesting is limited (kql_parser.MAX_NESTING). Everything
+else raises KqlError at parse time with the line and column of the offending token.
 
-Besides the agreed API, Query exposes `output_columns` (names after the last stage) and
-`has_summarize`. Queries compare equal when their text is equal. Query is not picklable.
+Besides the agreed API, Query exposes `output_columns` (names after the last stage),
+`has_summarize`, `row_level` (every stage looks at one row) and `anchors` (agent.rules.index).
+Queries compare equal when their text is equal. Query is not picklable.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.rules.index import Anchors, anchor_terms
 from agent.rules.kql_eval import (
     Env,
     Evidence,
@@ -46,7 +54,9 @@ from agent.rules.kql_eval import (
 )
 from agent.rules.kql_lexer import KqlError
 from agent.rules.kql_parser import (
+    ROW_STAGES,
     And,
+    Call,
     Column,
     Compare,
     Const,
@@ -60,8 +70,11 @@ from agent.rules.kql_parser import (
     WhereStage,
     parse_kql,
 )
+from agent.schema import COLUMN_TYPES
 
 __all__ = ["KqlError", "Evidence", "Query", "parse_query"]
+
+_BASE_COLUMNS = frozenset(COLUMN_TYPES)
 
 
 class Query:
@@ -73,6 +86,8 @@ class Query:
         "string_patterns",
         "output_columns",
         "has_summarize",
+        "row_level",
+        "anchors",
         "_stages",
         "_row_stages",
         "_slot_fns",
@@ -84,6 +99,8 @@ class Query:
     string_patterns: tuple[tuple[str, str, str], ...]
     output_columns: tuple[str, ...]
     has_summarize: bool
+    row_level: bool
+    anchors: Anchors | None
 
     def __init__(self, parsed: ParsedQuery) -> None:
         self.text = parsed.text
@@ -91,6 +108,8 @@ class Query:
         self.string_patterns = _string_patterns(parsed)
         self.output_columns = tuple(name for name, _ in parsed.output_columns)
         self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
+        self.row_level = _row_level(parsed)
+        self.anchors = anchor_terms(parsed, _BASE_COLUMNS)  # see agent.rules.index
         stages, slot_fns = compile_stages(parsed.stages)
         self._stages = stages
         self._row_stages: tuple[RowStep, ...] = plan_row_stages(stages)
@@ -133,8 +152,23 @@ class Query:
 
 
 def parse_query(text: str) -> Query:
-    """Parse KQL text into a Query. Raises KqlError (with line and column) for anything unsupported."""
-    return Query(parse_kql(text))
+    """Parse KQL text into a Query. Raises KqlError (with line and column) for anything unsupported.
+
+    The cyclic garbage collector is paused meanwhile: a large query allocates many objects that
+    all stay alive, and the collector's repeated full passes over them doubled the load time.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return Query(parse_kql(text))
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _row_level(parsed: ParsedQuery) -> bool:
+    """True when every stage looks at one row at a time (where, extend, project and its variants)."""
+    return all(isinstance(stage, ROW_STAGES) for stage in parsed.stages)
 
 
 def _label(expr: Expr) -> str:
@@ -155,6 +189,9 @@ def _string_patterns(parsed: ParsedQuery) -> tuple[tuple[str, str, str], ...]:
             for arg in expr.args:
                 if isinstance(arg, Const) and isinstance(arg.value, str):
                     found[(_label(expr.left), op, arg.value)] = None
+        elif isinstance(expr, Call):
+            for arg in expr.args:
+                visit(arg, negated)
 
     for stage in parsed.stages:
         if isinstance(stage, WhereStage):

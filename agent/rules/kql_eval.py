@@ -1,8 +1,9 @@
 """Evaluation of a parsed KQL query over rows. Pure: rows in, rows and evidence out.
 
-Null semantics follow Kusto's three-valued logic: a leaf predicate with a null (None or missing)
-operand is null, `not(null)` is null, `and`/`or` are Kleene, and `where` keeps a row only when the
-predicate is true. So `Signer !has 'x'` and `not(Signer has 'x')` both drop a row without Signer.
+Strings are never null, as in Kusto: a missing (or non-text) string column reads as "", so
+`Signer !has 'x'` and `not(Signer has 'x')` both keep a row without Signer. Other types follow
+Kusto's three-valued logic: a leaf predicate with a null (None or missing) operand is null,
+`not(null)` is null, `and`/`or` are Kleene, and `where` keeps a row only when the predicate is true.
 
 Column values are coerced to the schema type on read, so rows straight from SQLite work too:
 0/1 for bool, ISO 8601 text for datetime (naive means UTC); a value that cannot be coerced is null.
@@ -13,15 +14,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Any
 
 from agent.rules.kql_parser import (
     Ago,
     And,
     Arith,
+    Call,
     Column,
     Compare,
     Const,
+    CountStage,
+    DistinctStage,
     EmptyTest,
     Expr,
     ExtendStage,
@@ -30,12 +35,16 @@ from agent.rules.kql_parser import (
     Now,
     Or,
     ProjectStage,
+    SortKey,
+    SortStage,
     Stage,
     SummarizeStage,
+    TakeStage,
+    TopStage,
     WhereStage,
     is_row_independent,
 )
-from agent.rules.terms import contains_folded, fold, has_any_terms, has_terms, term_key
+from agent.rules.terms import contains_folded, fold, has_terms, term_key
 
 __all__ = [
     "Evidence",
@@ -174,6 +183,13 @@ def _column_reader(name: str, kql_type: str) -> ValueFn:
     coerce = _COERCE.get(kql_type)
     if coerce is None:  # dynamic: as stored
         return lambda row, env: row.get(name)
+    if kql_type == "string":  # Kusto strings are never null: a missing or non-text value reads as ""
+
+        def read_string(row: Row, env: Env) -> Any:
+            value = row.get(name)
+            return value if value.__class__ is str or isinstance(value, str) else ""
+
+        return read_string
     expected = _PYTHON_TYPES[kql_type]
     is_datetime = kql_type == "datetime"
     is_bool = kql_type == "bool"
@@ -249,6 +265,8 @@ class _Compiler:
                 return None if value is None else -value
 
             return negate
+        if isinstance(expr, Call):
+            return _call(expr.func, tuple(self.value(arg) for arg in expr.args), expr.args)
         if isinstance(expr, Arith):
             left, right = self.value(expr.left), self.value(expr.right)
             subtract = expr.op == "-"
@@ -294,6 +312,74 @@ class _Compiler:
 
 def _label(expr: Expr) -> str:
     return expr.name if isinstance(expr, Column) else expr.text
+
+
+# --- scalar functions --------------------------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_kusto_string(value: Any) -> str:
+    """tostring(): Kusto's text of a value; null is ""."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        value = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+    if isinstance(value, timedelta):
+        sign = "-" if value < timedelta(0) else ""
+        value = abs(value)
+        hours, rest = divmod(value.seconds, 3600)
+        minutes, seconds = divmod(rest, 60)
+        days = f"{value.days}." if value.days else ""
+        fraction = f".{value.microseconds:06d}0" if value.microseconds else ""
+        return f"{sign}{days}{hours:02d}:{minutes:02d}:{seconds:02d}{fraction}"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _bin(value: Any, size: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return _EPOCH + ((value - _EPOCH) // size) * size
+    if isinstance(value, timedelta):
+        return (value // size) * size
+    return (value // size) * size
+
+
+def _call(func: str, args: tuple[ValueFn, ...], exprs: tuple[Expr, ...]) -> ValueFn:
+    if func == "tolower":
+        (arg,) = args
+        return lambda row, env: (arg(row, env) or "").lower()
+    if func == "toupper":
+        (arg,) = args
+        return lambda row, env: (arg(row, env) or "").upper()
+    if func == "strlen":
+        (arg,) = args
+        return lambda row, env: len(arg(row, env) or "")
+    if func == "tostring":
+        (arg,) = args
+        return lambda row, env: to_kusto_string(arg(row, env))
+    if func == "strcat":
+        return lambda row, env: "".join(to_kusto_string(arg(row, env)) for arg in args)
+    if func == "iff":
+        condition, then, otherwise = args
+        return lambda row, env: then(row, env) if condition(row, env) is True else otherwise(row, env)
+    if func == "bin":
+        value_fn = args[0]
+        size_expr = exprs[1]
+        assert isinstance(size_expr, Const)
+        size = size_expr.value
+        return lambda row, env: _bin(value_fn(row, env), size)
+    raise AssertionError(func)  # pragma: no cover - the parser admits only CALL_FUNCTIONS
 
 
 # --- predicates --------------------------------------------------------------------------------------
@@ -473,12 +559,32 @@ class ListPred(Pred):
             self.members: frozenset[Any] = frozenset(items)
         elif self.caseless:
             self.members = frozenset(fold(item) for item in items)
+        elif positive == "has_any":
+            self._index_has_any(items)
         self.positive = positive
 
+    def _index_has_any(self, items: tuple[Any, ...]) -> None:
+        """Needles indexed by their first term, so a row costs O(its terms), not O(items)."""
+        self.by_first_term: dict[str, list[tuple[int, str]]] = {}  # term -> [(index, needle key)]
+        for index, item in enumerate(items):
+            key = term_key(item)
+            if key:
+                self.by_first_term.setdefault(key[1:].split(" ", 1)[0], []).append((index, key))
+
+    def _match_has_any(self, value: str) -> Any:
+        hay = term_key(value)
+        best: int | None = None
+        for term in set(hay.split()):
+            for index, key in self.by_first_term.get(term, ()):
+                if (best is None or index < best) and key in hay:
+                    best = index
+                    break  # later needles with this first term have larger indexes
+        return None if best is None else self.items[best]
+
     def match(self, value: Any) -> Any:
-        """The item that `value` matched, or None (`has_all` returns all items when all match)."""
+        """The first item that `value` matched, or None (`has_all` returns all items when all match)."""
         if self.positive == "has_any":
-            return has_any_terms(value, self.items)
+            return self._match_has_any(value)
         if self.positive == "has_all":
             return self.items if all(has_terms(value, item) for item in self.items) else None
         if self.caseless:
@@ -543,13 +649,20 @@ class RangePred(Pred):
 # --- stages ------------------------------------------------------------------------------------------
 
 
+# name, func, arg, max_size, extras (arg_max/arg_min: the columns read from the extreme row)
+CompiledAggregate = tuple[str, str, ValueFn | None, int | None, tuple[tuple[str, ValueFn], ...]]
+_ROW_KINDS = frozenset({"where", "extend", "project"})
+
+
 @dataclass(frozen=True)
 class CompiledStage:
-    kind: str  # where, extend, project, summarize
+    kind: str  # where, extend, project, summarize, sort, take, top, distinct, count
     predicate: Pred | None = None
     assignments: tuple[tuple[str, ValueFn], ...] = ()
     by: tuple[tuple[str, ValueFn], ...] = ()
-    aggregates: tuple[tuple[str, str, ValueFn | None, int | None], ...] = ()  # name, func, arg, max_size
+    aggregates: tuple[CompiledAggregate, ...] = ()
+    keys: tuple[tuple[ValueFn, bool, bool], ...] = ()  # sort keys: value, descending, nulls first
+    count: int = 0  # take / top
 
 
 def compile_stages(stages: tuple[Stage, ...]) -> tuple[tuple[CompiledStage, ...], tuple[ValueFn, ...]]:
@@ -559,10 +672,20 @@ def compile_stages(stages: tuple[Stage, ...]) -> tuple[tuple[CompiledStage, ...]
     for stage in stages:
         if isinstance(stage, WhereStage):
             compiled.append(CompiledStage("where", predicate=compiler.predicate(stage.predicate)))
-        elif isinstance(stage, ExtendStage | ProjectStage):
-            kind = "extend" if isinstance(stage, ExtendStage) else "project"
+        elif isinstance(stage, ExtendStage | ProjectStage | DistinctStage):
+            kind = {ExtendStage: "extend", ProjectStage: "project", DistinctStage: "distinct"}[type(stage)]
             assignments = tuple((name, compiler.value(expr)) for name, expr in stage.assignments)
             compiled.append(CompiledStage(kind, assignments=assignments))
+        elif isinstance(stage, SortStage | TopStage):
+            keys = _compile_keys(compiler, stage.keys)
+            if isinstance(stage, TopStage):
+                compiled.append(CompiledStage("top", keys=keys, count=stage.count))
+            else:
+                compiled.append(CompiledStage("sort", keys=keys))
+        elif isinstance(stage, TakeStage):
+            compiled.append(CompiledStage("take", count=stage.count))
+        elif isinstance(stage, CountStage):
+            compiled.append(CompiledStage("count"))
         else:
             assert isinstance(stage, SummarizeStage)
             compiled.append(
@@ -570,12 +693,22 @@ def compile_stages(stages: tuple[Stage, ...]) -> tuple[tuple[CompiledStage, ...]
                     "summarize",
                     by=tuple((name, compiler.value(expr)) for name, expr in stage.by),
                     aggregates=tuple(
-                        (agg.name, agg.func, compiler.value(agg.arg) if agg.arg is not None else None, agg.max_size)
+                        (
+                            agg.name,
+                            agg.func,
+                            compiler.value(agg.arg) if agg.arg is not None else None,
+                            agg.max_size,
+                            tuple((name, compiler.value(expr)) for name, expr in agg.extras),
+                        )
                         for agg in stage.aggregates
                     ),
                 )
             )
     return tuple(compiled), tuple(compiler.slot_exprs)
+
+
+def _compile_keys(compiler: _Compiler, keys: tuple[SortKey, ...]) -> tuple[tuple[ValueFn, bool, bool], ...]:
+    return tuple((compiler.value(key.expr), key.descending, key.nulls_first) for key in keys)
 
 
 def _extend(row: Row, env: Env, assignments: tuple[tuple[str, ValueFn], ...]) -> dict[str, Any]:
@@ -613,7 +746,7 @@ def plan_row_stages(stages: tuple[CompiledStage, ...]) -> tuple[RowStep, ...]:
     """The stages before the first summarize, with adjacent where stages merged (they commute)."""
     steps: list[RowStep] = []
     for stage in stages:
-        if stage.kind == "summarize":
+        if stage.kind not in _ROW_KINDS:
             break
         if stage.kind == "where":
             assert stage.predicate is not None
@@ -659,7 +792,7 @@ def _summarize(rows: Iterable[Row], env: Env, stage: CompiledStage) -> Iterator[
 
     def fresh() -> list[Any]:
         states: list[Any] = []
-        for _, func, _, _ in aggregates:
+        for _, func, _, _, _ in aggregates:
             if func in ("count",):
                 states.append(0)
             elif func in ("dcount", "make_set"):
@@ -677,7 +810,7 @@ def _summarize(rows: Iterable[Row], env: Env, stage: CompiledStage) -> Iterator[
             states = groups.get(key)
         if states is None:
             states = groups[key] = fresh()
-        for index, (_, func, arg, max_size) in enumerate(aggregates):
+        for index, (_, func, arg, max_size, extras) in enumerate(aggregates):
             if func == "count":
                 states[index] += 1
                 continue
@@ -685,6 +818,15 @@ def _summarize(rows: Iterable[Row], env: Env, stage: CompiledStage) -> Iterator[
             value = arg(row, env)
             if value is None:
                 continue  # aggregates ignore nulls
+            if extras:  # arg_max / arg_min: keep the first row with the extreme value
+                current = states[index]
+                try:
+                    better = current is None or (value > current[0] if func == "arg_max" else value < current[0])
+                except TypeError:
+                    continue
+                if better:
+                    states[index] = (value, tuple(fn(row, env) for _, fn in extras))
+                continue
             if func in ("dcount", "make_set"):
                 seen = states[index]
                 if max_size is None or len(seen) < max_size:
@@ -703,8 +845,13 @@ def _summarize(rows: Iterable[Row], env: Env, stage: CompiledStage) -> Iterator[
         groups[()] = fresh()  # no group keys: one row even for empty input
     for key, states in groups.items():
         out: dict[str, Any] = {name: part for (name, _), part in zip(by, key, strict=True)}
-        for (name, func, _, _), state in zip(aggregates, states, strict=True):
-            if func == "dcount":
+        for (name, func, _, _, extras), state in zip(aggregates, states, strict=True):
+            if extras:
+                out[name] = state[0] if state is not None else None
+                values = state[1] if state is not None else (None,) * len(extras)
+                for (extra, _), value in zip(extras, values, strict=True):
+                    out[extra] = value
+            elif func == "dcount":
                 out[name] = len(state)
             elif func == "make_set":
                 out[name] = _sorted_set(state)
@@ -731,7 +878,7 @@ def _pass_one(steps: tuple[RowStep, ...], row: Row, env: Env) -> Row | None:
 def run_stages(stages: tuple[CompiledStage, ...], rows: Iterable[Row], env: Env) -> list[dict[str, Any]]:
     """Run the whole pipeline. Rows that pass through untouched are returned as dict copies."""
     steps = plan_row_stages(stages)
-    first_summarize = next((i for i, stage in enumerate(stages) if stage.kind == "summarize"), len(stages))
+    first_summarize = next((i for i, stage in enumerate(stages) if stage.kind not in _ROW_KINDS), len(stages))
     current: Iterable[Row] = (passed for passed in (_pass_one(steps, row, env) for row in rows) if passed is not None)
     for stage in stages[first_summarize:]:
         current = _apply(stage, current, env)
@@ -747,4 +894,46 @@ def _apply(stage: CompiledStage, rows: Iterable[Row], env: Env) -> Iterable[Row]
         return (_extend(row, env, stage.assignments) for row in rows)
     if stage.kind == "project":
         return (_project(row, env, stage.assignments) for row in rows)
+    if stage.kind == "take":
+        return islice(rows, stage.count)
+    if stage.kind == "sort":
+        return _sort(rows, env, stage.keys)
+    if stage.kind == "top":
+        return _sort(rows, env, stage.keys)[: stage.count]
+    if stage.kind == "distinct":
+        return _distinct(rows, env, stage.assignments)
+    if stage.kind == "count":
+        return iter([{"Count": sum(1 for _ in rows)}])
     return _summarize(rows, env, stage)
+
+
+def _sort(rows: Iterable[Row], env: Env, keys: tuple[tuple[ValueFn, bool, bool], ...]) -> list[Row]:
+    """order by: a stable sort on each key from the last to the first, nulls placed as asked."""
+    items = [(row, tuple(fn(row, env) for fn, _, _ in keys)) for row in rows]
+    for index in range(len(keys) - 1, -1, -1):
+        _, descending, nulls_first = keys[index]
+        nulls = [item for item in items if item[1][index] is None]
+        present = [item for item in items if item[1][index] is not None]
+        try:
+            present.sort(key=lambda item: item[1][index], reverse=descending)
+        except TypeError:  # mixed types in one column: order by type name, then text
+            present.sort(key=lambda item: (type(item[1][index]).__name__, repr(item[1][index])), reverse=descending)
+        items = nulls + present if nulls_first else present + nulls
+    return [row for row, _ in items]
+
+
+def _distinct(rows: Iterable[Row], env: Env, assignments: tuple[tuple[str, ValueFn], ...]) -> Iterator[Row]:
+    seen: set[Any] = set()
+    for row in rows:
+        out = _project(row, env, assignments)
+        key = tuple(out.values())
+        try:
+            marker: Any = key
+            if marker in seen:
+                continue
+        except TypeError:  # unhashable values: compare their repr
+            marker = repr(key)
+            if marker in seen:
+                continue
+        seen.add(marker)
+        yield out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -109,6 +110,8 @@ class _Lexer:
         self.text = text
         self.pos = 0
         self.tokens: list[Token] = []
+        # offsets where each line starts, so a token's position costs O(log lines), not O(offset)
+        self.line_starts = [0] + [match.end() for match in re.finditer("\n", text)]
 
     def error(self, offset: int, message: str) -> KqlError:
         return KqlError(*self._position(offset), message)
@@ -159,8 +162,8 @@ class _Lexer:
         return self.tokens
 
     def _position(self, offset: int) -> tuple[int, int]:
-        line = self.text.count("\n", 0, offset) + 1
-        return line, offset - (self.text.rfind("\n", 0, offset) + 1) + 1
+        line = bisect_right(self.line_starts, offset)
+        return line, offset - self.line_starts[line - 1] + 1
 
     def string(self, start: int, quote_at: int, *, verbatim: bool) -> None:
         text = self.text

@@ -7,7 +7,7 @@ loads with a part of its query silently ignored.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +28,15 @@ __all__ = [
     "Or",
     "Compare",
     "EmptyTest",
+    "Call",
+    "SortKey",
+    "SortStage",
+    "TakeStage",
+    "TopStage",
+    "DistinctStage",
+    "CountStage",
+    "ROW_STAGES",
+    "MAX_NESTING",
     "WhereStage",
     "ExtendStage",
     "ProjectStage",
@@ -44,6 +53,11 @@ __all__ = [
     "RANGE_OPS",
 ]
 
+# Deepest nesting of parentheses, function calls, not(), unary minus and arithmetic chains. Real
+# queries nest a handful of levels; the limit keeps parsing and evaluation far from Python's
+# recursion limit, so a hostile query is a load error with its position, never a RecursionError.
+MAX_NESTING = 64
+
 NUMERIC = frozenset({"long", "int", "real"})
 ORDERED = NUMERIC | {"datetime", "timespan", "string"}
 
@@ -58,11 +72,48 @@ RANGE_OPS = frozenset({"between", "!between"})
 _TERM_OPS = frozenset({"has", "!has", "has_any", "has_all"})
 _CASELESS_LIST_OPS = frozenset({"in~", "!in~", "has_any", "has_all"})
 
-AGGREGATES: dict[str, str] = {"count": "count_", "min": "min_", "max": "max_", "dcount": "dcount_", "make_set": "set_"}
-_SCALAR_FUNCTIONS = frozenset({"now", "ago", "not", "isempty", "isnotempty", "isnull", "isnotnull", "dynamic"})
+AGGREGATES: dict[str, str] = {
+    "count": "count_",
+    "min": "min_",
+    "max": "max_",
+    "dcount": "dcount_",
+    "make_set": "set_",
+    "arg_max": "max_",
+    "arg_min": "min_",
+}
+# scalar functions evaluated per row (Call nodes); see kql_eval for their semantics
+CALL_FUNCTIONS = frozenset({"tolower", "toupper", "tostring", "strlen", "strcat", "iff", "iif", "bin"})
+_SCALAR_FUNCTIONS = (
+    frozenset({"now", "ago", "not", "isempty", "isnotempty", "isnull", "isnotnull", "dynamic", "datatable"})
+    | CALL_FUNCTIONS
+)
+MAX_CALL_ARGS = 64
+MAX_LIST_ITEMS = 1_000_000
 _BOOL_WORDS = {"true": True, "false": False, "True": True, "False": False, "TRUE": True, "FALSE": False}
 _KEYWORDS = frozenset({"and", "or", "by", "let", "not"})
-_STAGES = frozenset({"where", "filter", "extend", "project", "summarize"})
+# words that may follow a complete operand: the statement parser or a sort key handles them
+_FOLLOW_WORDS = frozenset({"and", "or", "by", "let", TABLE, "asc", "desc", "nulls"})
+_STAGES = frozenset(
+    {
+        "where",
+        "filter",
+        "extend",
+        "project",
+        "summarize",
+        "order",
+        "sort",
+        "take",
+        "limit",
+        "top",
+        "project-away",
+        "project-rename",
+        "project-reorder",
+        "distinct",
+        "count",
+    }
+)
+# Sentinel's name for the time column; it reads Timestamp unless the query defines its own.
+TIME_ALIASES = {"TimeGenerated": "Timestamp"}
 
 
 # --- AST -------------------------------------------------------------------------------------------------
@@ -132,6 +183,12 @@ class Compare(Expr):
 
 
 @dataclass(frozen=True)
+class Call(Expr):
+    func: str  # one of CALL_FUNCTIONS (iif is stored as iff)
+    args: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
 class EmptyTest(Expr):
     func: str  # isempty, isnotempty, isnull, isnotnull
     operand: Expr
@@ -155,9 +212,10 @@ class ProjectStage:
 @dataclass(frozen=True)
 class Aggregate:
     name: str
-    func: str  # count, min, max, dcount, make_set
+    func: str  # count, min, max, dcount, make_set, arg_max, arg_min
     arg: Expr | None
     max_size: int | None  # make_set's optional limit
+    extras: tuple[tuple[str, Expr], ...] = ()  # arg_max/arg_min: the columns taken from the extreme row
 
 
 @dataclass(frozen=True)
@@ -166,7 +224,52 @@ class SummarizeStage:
     by: tuple[tuple[str, Expr], ...]
 
 
-Stage = WhereStage | ExtendStage | ProjectStage | SummarizeStage
+@dataclass(frozen=True)
+class SortKey:
+    expr: Expr
+    descending: bool  # Kusto's default is desc
+    nulls_first: bool  # default: nulls last for desc, nulls first for asc
+
+
+@dataclass(frozen=True)
+class SortStage:
+    keys: tuple[SortKey, ...]
+
+
+@dataclass(frozen=True)
+class TakeStage:
+    count: int
+
+
+@dataclass(frozen=True)
+class TopStage:
+    count: int
+    keys: tuple[SortKey, ...]
+
+
+@dataclass(frozen=True)
+class DistinctStage:
+    assignments: tuple[tuple[str, Expr], ...]
+
+
+@dataclass(frozen=True)
+class CountStage:
+    pass
+
+
+Stage = (
+    WhereStage
+    | ExtendStage
+    | ProjectStage
+    | SummarizeStage
+    | SortStage
+    | TakeStage
+    | TopStage
+    | DistinctStage
+    | CountStage
+)
+# stages that look at one row at a time; the row-level plan (filter_row) stops at the first other one
+ROW_STAGES = (WhereStage, ExtendStage, ProjectStage)
 
 
 @dataclass(frozen=True)
@@ -196,6 +299,8 @@ def walk(expr: Expr) -> list[Expr]:
         children = expr.items
     elif isinstance(expr, Compare):
         children = (expr.left, *expr.args)
+    elif isinstance(expr, Call):
+        children = expr.args
     for child in children:
         out.extend(walk(child))
     return out
@@ -222,6 +327,9 @@ class _ColumnInfo:
     base: bool  # True while the name still reads the table column directly
 
 
+_NO_COLUMN = _ColumnInfo("", False)
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
@@ -231,6 +339,7 @@ class _Parser:
         self.tabular_lets: dict[str, tuple[tuple[Stage, ...], dict[str, _ColumnInfo]]] = {}
         self.columns_used: set[str] = set()
         self.auto_names = 0
+        self.depth = 0
 
     # token access
     def peek(self, ahead: int = 0) -> Token:
@@ -394,7 +503,123 @@ class _Parser:
             for column, expr in assignments:
                 schema[column] = _ColumnInfo(expr.type, False)
             return ProjectStage(assignments)
-        return self.parse_summarize(schema)
+        if name == "summarize":
+            return self.parse_summarize(schema)
+        if name in ("order", "sort"):
+            if not self.at_word("by"):
+                raise self.error(self.peek(), f"expected 'by' after '{name}', found {describe(self.peek())}")
+            self.advance()
+            return SortStage(self.parse_sort_keys(schema))
+        if name in ("take", "limit"):
+            return TakeStage(self.parse_count(name))
+        if name == "top":
+            count = self.parse_count(name)
+            if not self.at_word("by"):
+                raise self.error(self.peek(), f"expected 'by' after 'top {count}', found {describe(self.peek())}")
+            self.advance()
+            return TopStage(count, self.parse_sort_keys(schema, single=True))
+        if name == "count":
+            schema.clear()
+            schema["Count"] = _ColumnInfo("long", False)
+            return CountStage()
+        if name == "distinct":
+            if self.at_punct("*"):
+                star = self.advance()
+                assignments = self.columns_as_assignments(schema, list(schema), star)
+            else:
+                assignments = self.parse_assignments(schema, "distinct", sequential=False)
+            schema.clear()
+            for column, expr in assignments:
+                schema[column] = _ColumnInfo(expr.type, False)
+            return DistinctStage(assignments)
+        return self.parse_project_variant(name, token, schema)
+
+    def parse_count(self, operator: str) -> int:
+        token = self.peek()
+        if token.kind != NUMBER or not isinstance(token.value, int):
+            raise self.error(token, f"'{operator}' needs a constant row count, found {describe(token)}")
+        self.advance()
+        return int(token.value)
+
+    def parse_sort_keys(self, schema: Mapping[str, _ColumnInfo], *, single: bool = False) -> tuple[SortKey, ...]:
+        keys: list[SortKey] = []
+        while True:
+            expr = self.parse_expr(schema)
+            if expr.type == "dynamic":
+                raise KqlError(expr.line, expr.column, "cannot sort by a dynamic value")
+            descending = True
+            if self.at_word("asc") or self.at_word("desc"):
+                descending = self.advance().value == "desc"
+            nulls_first = not descending
+            if self.at_word("nulls"):
+                self.advance()
+                if not (self.at_word("first") or self.at_word("last")):
+                    raise self.error(
+                        self.peek(), f"expected 'first' or 'last' after 'nulls', found {describe(self.peek())}"
+                    )
+                nulls_first = self.advance().value == "first"
+            keys.append(SortKey(expr, descending, nulls_first))
+            if single or not self.at_punct(","):
+                return tuple(keys)
+            self.advance()
+
+    def column_name_list(self, schema: Mapping[str, _ColumnInfo], operator: str) -> list[Token]:
+        tokens: list[Token] = []
+        while True:
+            token = self.expect_ident(f"in {operator}")
+            if token.value not in schema:
+                raise self.error(token, f"unknown column '{token.value}'")
+            if any(seen.value == token.value for seen in tokens):
+                raise self.error(token, f"duplicate column name '{token.value}' in {operator}")
+            tokens.append(token)
+            if not self.at_punct(","):
+                return tokens
+            self.advance()
+
+    def columns_as_assignments(
+        self, schema: Mapping[str, _ColumnInfo], names: list[str], token: Token
+    ) -> tuple[tuple[str, Expr], ...]:
+        out: list[tuple[str, Expr]] = []
+        for name in names:
+            info = schema[name]
+            if info.base:
+                self.columns_used.add(name)
+            out.append((name, Column(info.type, name, token.line, token.column, name)))
+        return tuple(out)
+
+    def parse_project_variant(self, name: str, token: Token, schema: dict[str, _ColumnInfo]) -> Stage:
+        """project-away, project-rename and project-reorder, as a project over the known columns."""
+        if name == "project-rename":
+            renames: dict[str, str] = {}  # old -> new
+            while True:
+                new = self.expect_ident("in project-rename")
+                self.expect_punct("=", "in project-rename (new = old)")
+                old = self.expect_ident("in project-rename")
+                if old.value not in schema:
+                    raise self.error(old, f"unknown column '{old.value}'")
+                if old.value in renames:
+                    raise self.error(old, f"column '{old.value}' is renamed twice")
+                renames[old.value] = new.value
+                if not self.at_punct(","):
+                    break
+                self.advance()
+            kept = self.columns_as_assignments(schema, list(schema), token)
+            assignments = tuple((renames.get(column, column), expr) for column, expr in kept)
+            names = [column for column, _ in assignments]
+            duplicate = next((column for column in names if names.count(column) > 1), None)
+            if duplicate is not None:
+                raise self.error(token, f"duplicate column name '{duplicate}' in project-rename")
+        else:
+            listed = [item.value for item in self.column_name_list(schema, name)]
+            if name == "project-away":
+                order = [column for column in schema if column not in listed]
+            else:  # project-reorder: the listed columns first, the others after them in their order
+                order = listed + [column for column in schema if column not in listed]
+            assignments = self.columns_as_assignments(schema, order, token)
+        schema.clear()
+        for column, expr in assignments:
+            schema[column] = _ColumnInfo(expr.type, False)
+        return ProjectStage(assignments)
 
     def parse_assignments(
         self, schema: dict[str, _ColumnInfo], operator: str, *, sequential: bool
@@ -407,7 +632,7 @@ class _Parser:
             name = self.assignment_name()
             expr = self.parse_expr(scope)
             if name is None:
-                name = expr.name if isinstance(expr, Column) else self.auto_name()
+                name = _default_name(expr) or self.auto_name()
             if name in seen:
                 raise self.error(start, f"duplicate column name '{name}' in {operator}")
             seen.add(name)
@@ -440,12 +665,16 @@ class _Parser:
         token = self.peek()
         if token.kind == EOF or token.kind == PUNCT and token.value in ("|", ";"):
             raise self.error(token, "summarize needs an aggregate or a by clause")
+        stars: list[int] = []  # aggregates written arg_max(X, *): their columns are known after `by`
         if not self.at_word("by"):
             while True:
                 start = self.peek()
-                aggregate = self.parse_aggregate(schema)
+                aggregate, star = self.parse_aggregate(schema)
+                if star:
+                    stars.append(len(aggregates))
                 aggregates.append(aggregate)
                 names.append((aggregate.name, start))
+                names.extend((extra, start) for extra, _ in aggregate.extras)
                 if not self.at_punct(","):
                     break
                 self.advance()
@@ -460,12 +689,21 @@ class _Parser:
                 if expr.type == "dynamic":
                     raise KqlError(expr.line, expr.column, "cannot group by a dynamic value")
                 if name is None:
-                    name = expr.name if isinstance(expr, Column) else self.auto_name()
+                    name = _default_name(expr) or self.auto_name()
                 by.append((name, expr))
                 by_names.append((name, start))
                 if not self.at_punct(","):
                     break
                 self.advance()
+        taken = {name for name, _ in by_names} | {name for name, _ in names}
+        for index in stars:  # `*`: every input column not already in the output, in input order
+            aggregate = aggregates[index]
+            star_token = next(token for name, token in names if name == aggregate.name)
+            extras = aggregate.extras + self.columns_as_assignments(
+                schema, [column for column in schema if column not in taken], star_token
+            )
+            taken.update(name for name, _ in extras)
+            aggregates[index] = replace(aggregate, extras=extras)
         seen: set[str] = set()
         for name, token in by_names + names:
             if name in seen:
@@ -476,9 +714,37 @@ class _Parser:
             schema[name] = _ColumnInfo(expr.type, False)
         for aggregate in aggregates:
             schema[aggregate.name] = _ColumnInfo(_aggregate_type(aggregate), False)
+            for extra, expr in aggregate.extras:
+                schema[extra] = _ColumnInfo(expr.type, False)
         return SummarizeStage(tuple(aggregates), tuple(by))
 
-    def parse_aggregate(self, schema: dict[str, _ColumnInfo]) -> Aggregate:
+    def parse_arg_extreme(
+        self, schema: dict[str, _ColumnInfo], name: str | None, token: Token
+    ) -> tuple[Aggregate, bool]:
+        """arg_max(Expr, *) / arg_min(Expr, Col, Name = Expr, ...): the row with the extreme Expr."""
+        func = token.value
+        arg = self.parse_expr(schema)
+        if arg.type == "dynamic" or arg.type not in ORDERED | {"bool"}:
+            raise KqlError(arg.line, arg.column, f"{func}() cannot order {arg.type} values")
+        extras: list[tuple[str, Expr]] = []
+        star = False
+        while self.at_punct(","):
+            self.advance()
+            if self.at_punct("*"):
+                self.advance()
+                star = True
+                continue
+            extra_name = self.assignment_name()
+            expr = self.parse_expr(schema)
+            extras.append((extra_name or _default_name(expr) or self.auto_name(), expr))
+        self.expect_punct(")", f"to close {func}(")
+        if not extras and not star:
+            raise self.error(token, f"{func}() needs the columns to return, e.g. {func}({arg.text}, *)")
+        if name is None:
+            name = _default_name(arg) or AGGREGATES[func] + self.auto_name()
+        return Aggregate(name, func, arg, None, tuple(extras)), star
+
+    def parse_aggregate(self, schema: dict[str, _ColumnInfo]) -> tuple[Aggregate, bool]:
         name = self.assignment_name()
         token = self.peek()
         following = self.peek(1)
@@ -489,6 +755,8 @@ class _Parser:
             raise self.error(token, f"unsupported aggregate function '{func}'")
         self.advance()
         self.advance()  # (
+        if func in ("arg_max", "arg_min"):
+            return self.parse_arg_extreme(schema, name, token)
         args: list[Expr] = []
         if not self.at_punct(")"):
             while True:
@@ -520,12 +788,22 @@ class _Parser:
         if name is None:
             suffix = arg.name if isinstance(arg, Column) else ""
             name = AGGREGATES[func] + suffix
-        return Aggregate(name, func, arg, max_size)
+        return Aggregate(name, func, arg, max_size), False
 
     # --- scalar expressions ---------------------------------------------------------------------------
 
+    def nest(self, token: Token) -> None:
+        """Enter one level of nesting; past MAX_NESTING it is a load error, never a RecursionError."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(token, f"expression nested deeper than {MAX_NESTING} levels")
+
     def parse_expr(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
-        return self.parse_or(scope)
+        self.nest(self.peek())
+        try:
+            return self.parse_or(scope)
+        finally:
+            self.depth -= 1
 
     def logical(
         self, scope: Mapping[str, _ColumnInfo], word: str, sub: Callable[[Mapping[str, _ColumnInfo]], Expr]
@@ -535,13 +813,18 @@ class _Parser:
         while self.at_word(word):
             operator = self.advance()
             items.append(sub(scope))
-            for item in items:
-                if item.type != "bool":
-                    raise KqlError(item.line, item.column, f"'{operator.value}' needs bool operands, got {item.type}")
+            if len(items) == 2:
+                self.check_bool(items[0], operator)
+            self.check_bool(items[-1], operator)
         if len(items) == 1:
             return items[0]
         node_type = And if word == "and" else Or
         return node_type("bool", self.source(start), start.line, start.column, tuple(items))
+
+    @staticmethod
+    def check_bool(item: Expr, operator: Token) -> None:
+        if item.type != "bool":
+            raise KqlError(item.line, item.column, f"'{operator.value}' needs bool operands, got {item.type}")
 
     def parse_or(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
         return self.logical(scope, "or", self.parse_and)
@@ -581,7 +864,7 @@ class _Parser:
     def reject_word_operator(self) -> None:
         """A word right after an operand is an operator we do not support (`matches`, `has_cs`, `AND`)."""
         token = self.peek()
-        if token.kind != IDENT or token.value in ("and", "or", "by", "let", TABLE) or token.value in self.tabular_lets:
+        if token.kind != IDENT or token.value in _FOLLOW_WORDS or token.value in self.tabular_lets:
             return  # a table or `let` here means a missing ';', which the statement parser reports
         raise self.error(token, f"unsupported operator '{token.value}'")
 
@@ -651,8 +934,12 @@ class _Parser:
     def parse_additive(self, scope: Mapping[str, _ColumnInfo]) -> Expr:
         start = self.peek()
         left = self.parse_unary(scope)
+        chain = 0
         while self.at_punct("+") or self.at_punct("-"):
             operator = self.advance()
+            chain += 1  # `a + b + c ...` builds a left-deep tree: each operator is one level
+            if self.depth + chain > MAX_NESTING:
+                raise self.error(operator, f"expression nested deeper than {MAX_NESTING} levels")
             right = self.parse_unary(scope)
             result_type = _arith_type(operator.value, left.type, right.type)
             if result_type is None:
@@ -665,7 +952,11 @@ class _Parser:
         token = self.peek()
         if token.kind == PUNCT and token.value == "-":
             self.advance()
-            operand = self.parse_unary(scope)
+            self.nest(token)
+            try:
+                operand = self.parse_unary(scope)
+            finally:
+                self.depth -= 1
             if _family(operand.type) not in ("number", "timespan"):
                 raise self.error(token, f"cannot negate a {operand.type}")
             return _fold(Neg(operand.type, self.source(token), token.line, token.column, operand))
@@ -692,12 +983,14 @@ class _Parser:
             if name in _BOOL_WORDS:
                 self.advance()
                 return Const("bool", token.text, token.line, token.column, _BOOL_WORDS[name])
+            if name not in scope and name in TIME_ALIASES and scope.get(TIME_ALIASES[name], _NO_COLUMN).base:
+                name = TIME_ALIASES[name]  # TimeGenerated reads Timestamp; its text keeps the alias
             if name in scope:
                 self.advance()
                 info = scope[name]
                 if info.base:
                     self.columns_used.add(name)
-                return Column(info.type, name, token.line, token.column, name)
+                return Column(info.type, token.text, token.line, token.column, name)
             if name in self.scalar_lets:
                 self.advance()
                 return self.scalar_lets[name]
@@ -718,9 +1011,13 @@ class _Parser:
         self.advance()  # (
         if name == "dynamic":
             return self.parse_dynamic(name_token)
+        if name == "datatable":
+            return self.parse_datatable(name_token)
         args: list[Expr] = []
         if not self.at_punct(")"):
             while True:
+                if len(args) == MAX_CALL_ARGS:
+                    raise self.error(self.peek(), f"{name}() takes at most {MAX_CALL_ARGS} arguments")
                 args.append(self.parse_expr(scope))
                 if not self.at_punct(","):
                     break
@@ -745,6 +1042,8 @@ class _Parser:
             if args[0].type != "timespan" or not is_row_independent(args[0]):
                 raise KqlError(args[0].line, args[0].column, "ago() takes a constant timespan")
             return Ago("datetime", text, line, column, args[0])
+        if name in CALL_FUNCTIONS:
+            return self.check_call("iff" if name == "iif" else name, name_token, tuple(args), text, arity)
         if name == "not":
             arity(1, 1)
             if args[0].type != "bool":
@@ -752,6 +1051,81 @@ class _Parser:
             return Not("bool", text, line, column, args[0])
         arity(1, 1)  # isempty, isnotempty, isnull, isnotnull
         return EmptyTest("bool", text, line, column, name, args[0])
+
+    def check_call(
+        self, func: str, token: Token, args: tuple[Expr, ...], text: str, arity: Callable[[int, int], None]
+    ) -> Expr:
+        def fail(node: Expr, message: str) -> KqlError:
+            return KqlError(node.line, node.column, message)
+
+        for arg in args:
+            if arg.type == "dynamic":
+                raise fail(arg, f"{token.value}() of a dynamic value is not supported")
+        if func in ("tolower", "toupper", "strlen"):
+            arity(1, 1)
+            if args[0].type != "string":
+                raise fail(args[0], f"{func}() needs a string, got {args[0].type}")
+            result = "long" if func == "strlen" else "string"
+        elif func == "tostring":
+            arity(1, 1)
+            result = "string"
+        elif func == "strcat":
+            arity(1, MAX_CALL_ARGS)
+            result = "string"
+        elif func == "iff":
+            arity(3, 3)
+            condition, then, otherwise = args
+            if condition.type != "bool":
+                raise fail(condition, f"{token.value}() needs a bool condition, got {condition.type}")
+            if _family(then.type) != _family(otherwise.type):
+                raise fail(otherwise, f"{token.value}() branches differ in type: {then.type} and {otherwise.type}")
+            mixed_numbers = then.type != otherwise.type and "real" in (then.type, otherwise.type)
+            result = "real" if mixed_numbers else then.type
+        else:  # bin
+            arity(2, 2)
+            value, size = args
+            if _family(value.type) not in ("number", "datetime", "timespan"):
+                raise fail(value, f"bin() needs a number, datetime or timespan, got {value.type}")
+            wanted = "number" if _family(value.type) == "number" else "timespan"
+            if not isinstance(size, Const) or _family(size.type) != wanted:
+                raise fail(size, f"bin() of a {value.type} needs a constant {wanted} bin size")
+            if size.value is None or size.value <= (0 if wanted == "number" else timedelta(0)):
+                raise fail(size, "bin() size must be positive")
+            result = value.type
+        return Call(result, text, token.line, token.column, func, args)
+
+    def parse_datatable(self, name_token: Token) -> Expr:
+        """`datatable(Name: type)[v1, v2, ...]`: a one-column table, usable as a list (`in`, `has_any`)."""
+        columns: list[Token] = []
+        while True:
+            columns.append(self.expect_ident("in datatable(...)"))
+            self.expect_punct(":", "after a datatable column name")
+            self.expect_ident("for a datatable column type")
+            if not self.at_punct(","):
+                break
+            self.advance()
+        self.expect_punct(")", "to close datatable(")
+        if len(columns) != 1:
+            raise self.error(columns[1], "only a one-column datatable is supported (as a list for in / has_any)")
+        self.expect_punct("[", "after datatable(...)")
+        values = self.parse_constants("]", "datatable")
+        return Const("dynamic", self.source(name_token), name_token.line, name_token.column, tuple(values))
+
+    def parse_constants(self, closing: str, context: str) -> list[Any]:
+        values: list[Any] = []
+        if not self.at_punct(closing):
+            while True:
+                if len(values) == MAX_LIST_ITEMS:
+                    raise self.error(self.peek(), f"more than {MAX_LIST_ITEMS} items in {context}")
+                item = self.parse_unary({})
+                if not isinstance(item, Const) or item.type == "dynamic":
+                    raise KqlError(item.line, item.column, f"{context} may only hold scalar constants")
+                values.append(item.value)
+                if not self.at_punct(","):
+                    break
+                self.advance()
+        self.expect_punct(closing, f"to close the {context} values")
+        return values
 
     def parse_dynamic(self, name_token: Token) -> Expr:
         self.expect_punct("[", "in dynamic(...): only arrays of constants are supported")
@@ -768,6 +1142,15 @@ class _Parser:
         self.expect_punct("]", "to close the dynamic array")
         self.expect_punct(")", "to close dynamic(")
         return Const("dynamic", self.source(name_token), name_token.line, name_token.column, tuple(values))
+
+
+def _default_name(expr: Expr) -> str | None:
+    """The column name Kusto gives an unnamed expression: a column's own, `bin(Col, ..)` -> Col."""
+    if isinstance(expr, Column):
+        return expr.text
+    if isinstance(expr, Call) and expr.func == "bin" and isinstance(expr.args[0], Column):
+        return expr.args[0].text
+    return None
 
 
 def _type_of(value: Any) -> str:

@@ -242,6 +242,8 @@ def _parse_rule(text: str, path: str) -> tuple[Rule, tuple[int, int]]:
         query = parse_query(query_text)
     except KqlError as exc:
         raise _Problem(*_map_query_position(text, query_node, exc)) from None
+    except RecursionError:  # a safety net: the parser's own nesting limit should come first
+        raise _Problem(*_position(query_node), "query nested too deeply") from None
     rule = Rule(
         id=rule_id,
         name=name,

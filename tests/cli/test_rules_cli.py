@@ -33,11 +33,11 @@ def test_rules_check_reports_file_line_col_and_fails(tmp_path):
     rules.mkdir()
     shutil.copy(ROOT / "config" / "rules" / "rmm_Pulseway_filesig.yaml", rules / "a.yaml")
     shutil.copy(ROOT / "config" / "rules" / "rmm_Pulseway_filesig.yaml", rules / "b.yaml")
-    (rules / "c.yaml").write_text("id: x\nname: y\nquery: |\n  DeviceFileCertificateInfo\n  | take 10\n")
+    (rules / "c.yaml").write_text("id: x\nname: y\nquery: |\n  DeviceFileCertificateInfo\n  | sample 10\n")
     dup = rmmhunt("rules", "check", str(rules), state=tmp_path)
     assert dup.returncode == 2
     assert "b.yaml:1:" in dup.stdout and "duplicate rule id" in dup.stdout
-    assert re.search(r"c\.yaml:5:\d+: .*take", dup.stdout), dup.stdout
+    assert re.search(r"c\.yaml:5:\d+: .*sample", dup.stdout), dup.stdout
 
 
 def test_rules_check_of_the_shipped_catalog_and_example_config_is_clean(tmp_path):

@@ -157,15 +157,12 @@ def test_operator(predicate: str, expected: bool) -> None:
 
 NULL_ROW: dict[str, Any] = {"Timestamp": None, "ReportId": None}
 
-# With Signer missing, every leaf on it is null, and so is not(null): the row is never kept.
+# With Timestamp, ReportId and IsTrusted missing, every leaf on them is null, and so is not(null):
+# the row is never kept. A missing *string* column is "" (Kusto strings are never null), so the
+# positive string tests fail and the negated ones pass.
 NULL_CASES = [
     "Signer has 'x'",
-    "Signer !has 'x'",
-    "not(Signer has 'x')",
     "Signer == 'x'",
-    "Signer != 'x'",
-    "Signer !in ('x')",
-    "Signer !contains 'x'",
     "Signer has_any ('x')",
     "Timestamp between (ago(1d) .. now())",
     "Timestamp !between (ago(1d) .. now())",
@@ -175,12 +172,36 @@ NULL_CASES = [
     "IsTrusted == false",
     "Signer has 'x' or ReportId > 1",
     "not(Signer has 'x' or ReportId > 1)",
+    "isnull(Signer)",
+]
+EMPTY_STRING_CASES = [
+    "Signer !has 'x'",
+    "not(Signer has 'x')",
+    "Signer != 'x'",
+    "Signer !in ('x')",
+    "Signer !in~ ('x')",
+    "Signer !contains 'x'",
+    "Signer !startswith 'x'",
+    "Signer !endswith 'x'",
+    "Signer !~ 'x'",
+    "Signer == ''",
+    "isempty(Signer)",
+    "isnotnull(Signer)",
+    "strlen(Signer) == 0",
+    "tolower(Signer) == ''",
 ]
 
 
 @pytest.mark.parametrize("predicate", NULL_CASES)
 def test_nulls_never_pass(predicate: str) -> None:
     assert passes(predicate, NULL_ROW) is False
+
+
+@pytest.mark.parametrize("predicate", EMPTY_STRING_CASES)
+def test_a_missing_string_column_is_the_empty_string(predicate: str) -> None:
+    assert passes(predicate, NULL_ROW) is True
+    assert passes(predicate, NULL_ROW | {"Signer": None}) is True
+    assert passes(predicate, NULL_ROW | {"Signer": ""}) is True
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,8 @@ def test_summarize_unnamed_aggregates_use_kusto_default_names() -> None:
             "max_ReportId": 10,
             "count_": 6,
             "dcount_DeviceId": 3,
-            "set_Signer": ["Kaseya Corp", "Kaseya Holdings Inc.", "Splashtop Inc."],  # sorted, nulls ignored
+            # sorted; the missing Signer is "" (Kusto strings are never null)
+            "set_Signer": ["", "Kaseya Corp", "Kaseya Holdings Inc.", "Splashtop Inc."],
         }
     ]
 
@@ -88,7 +89,7 @@ def test_summarize_of_no_rows() -> None:
 def test_summarize_by_only_and_renamed_group_and_null_keys() -> None:
     query = parse_query(f"{T} | summarize by Device=DeviceId, Signer")
     results = query.run(ROWS, now=NOW)
-    assert {"Device": "d2", "Signer": None} in results
+    assert {"Device": "d2", "Signer": ""} in results  # a missing string groups as ""
     assert len(results) == 5
 
 
@@ -96,7 +97,7 @@ def test_make_set_size_limit_and_min_max_ignore_nulls() -> None:
     query = parse_query(f"{T} | summarize S=make_set(ReportId, 2), Lo=min(Signer), Hi=max(Signer)")
     [result] = query.run(ROWS, now=NOW)
     assert len(result["S"]) == 2
-    assert result["Lo"] == "Kaseya Corp"
+    assert result["Lo"] == ""  # the missing Signer is "", not null
     assert result["Hi"] == "Splashtop Inc."
 
 
@@ -139,7 +140,7 @@ def test_extend_before_where_is_row_level() -> None:
 def test_extend_with_a_predicate_value_and_unnamed_expression() -> None:
     query = parse_query(f"{T} | extend IsKaseya = Signer has 'kaseya', ReportId + 1 | project IsKaseya, Column1")
     results = query.run(ROWS[3:5], now=NOW)
-    assert results == [{"IsKaseya": True, "Column1": 10}, {"IsKaseya": None, "Column1": 11}]
+    assert results == [{"IsKaseya": True, "Column1": 10}, {"IsKaseya": False, "Column1": 11}]
 
 
 def test_run_without_summarize_returns_the_rows() -> None:

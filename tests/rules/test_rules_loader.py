@@ -122,7 +122,7 @@ def test_bad_file_is_a_problem_and_the_others_still_load(tmp_path: Path) -> None
     ("query_line", "line", "column", "fragment"),
     [
         ("  | join (Other) on DeviceId", 17, 5, "unsupported operator 'join'"),
-        ("  | take 10", 17, 5, "unsupported operator 'take'"),
+        ("  | sample 10", 17, 5, "unsupported operator 'sample'"),
         ("  | where Foo has 'x'", 17, 11, "unknown column 'Foo'"),
         ("  | where Signer has 'unterminated", 17, 22, "unterminated string literal"),
         ("      | where Signer has 'x' and foo(Signer)", 17, 34, "unsupported function 'foo'"),
@@ -149,23 +149,23 @@ def test_kql_error_in_a_summarize_continuation_line() -> None:
 @pytest.mark.parametrize(
     ("query_yaml", "line", "column", "suffix"),
     [
-        ("query: DeviceFileCertificateInfo | take 1\n", 3, 36, ""),
-        ("query: 'DeviceFileCertificateInfo | take 1'\n", 3, 37, ""),
-        ('query: "DeviceFileCertificateInfo | take 1"\n', 3, 37, ""),
-        ("query: >\n  DeviceFileCertificateInfo\n  | take 1\n", 3, 8, " (query line 1, column 29)"),
+        ("query: DeviceFileCertificateInfo | sample 1\n", 3, 36, ""),
+        ("query: 'DeviceFileCertificateInfo | sample 1'\n", 3, 37, ""),
+        ('query: "DeviceFileCertificateInfo | sample 1"\n', 3, 37, ""),
+        ("query: >\n  DeviceFileCertificateInfo\n  | sample 1\n", 3, 8, " (query line 1, column 29)"),
     ],
 )
 def test_kql_errors_in_other_scalar_styles(query_yaml: str, line: int, column: int, suffix: str) -> None:
     problem = only_problem("id: x\nname: X\n" + query_yaml)
-    assert problem.message == "unsupported operator 'take'" + suffix
+    assert problem.message == "unsupported operator 'sample'" + suffix
     assert (problem.line, problem.column) == (line, column)
 
 
 def test_crlf_and_bom_files_map_positions(tmp_path: Path) -> None:
-    text = "\ufeff" + rule_text(query_line="  | take 10").replace("\n", "\r\n")
+    text = "\ufeff" + rule_text(query_line="  | sample 10").replace("\n", "\r\n")
     path = write(tmp_path, "crlf.yaml", text.encode("utf-8"))
     [problem] = check_rule_file(path)
-    assert (problem.line, problem.column, problem.message) == (17, 5, "unsupported operator 'take'")
+    assert (problem.line, problem.column, problem.message) == (17, 5, "unsupported operator 'sample'")
     assert check_rule_file(write(tmp_path, "ok.yaml", ("\ufeff" + GOOD.replace("\n", "\r\n")).encode("utf-8"))) == []
 
 
@@ -330,8 +330,8 @@ def test_missing_attribution_file_is_a_problem(tmp_path: Path) -> None:
 
 def test_check_rule_file(tmp_path: Path) -> None:
     assert check_rule_file(write(tmp_path, "ok.yaml", GOOD)) == []
-    [problem] = check_rule_file(write(tmp_path, "bad.yaml", rule_text(query_line="  | take 1")))
-    assert str(problem) == f"{tmp_path / 'bad.yaml'}:17:5: unsupported operator 'take'"
+    [problem] = check_rule_file(write(tmp_path, "bad.yaml", rule_text(query_line="  | sample 1")))
+    assert str(problem) == f"{tmp_path / 'bad.yaml'}:17:5: unsupported operator 'sample'"
     [missing] = check_rule_file(tmp_path / "absent.yaml")
     assert missing.message.startswith("cannot read file")
 
