@@ -27,6 +27,7 @@ from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
 from agent.extract.sniff import HEADER_BYTES, classify
 from agent.platform import SpecialFile, open_regular
 from agent.rows import Device, ProcessContext, build_rows
+from agent.rules.index import RuleIndex
 from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
 from agent.sources.walk import WalkCounters, WalkItem, iter_files, status_of
@@ -107,11 +108,12 @@ class Matcher:
     def __init__(self, rules: Sequence[Rule], exclusions: Sequence[Any] = ()) -> None:
         self.rules = list(rules)
         self.exclusions = list(exclusions)
+        self.index = RuleIndex(self.rules)  # only the rules whose terms occur in a row are evaluated
 
     def match(self, row: dict[str, Any], now: dt.datetime) -> list[tuple[Rule, list[dict[str, Any]], str | None]]:
         """[(rule, evidence, exclusion id or None)] for every rule the row hits."""
         out = []
-        for rule in self.rules:
+        for rule in self.index.candidates(row):
             evidence = rule.query.filter_row(row, now=now)
             if evidence is None:
                 continue
