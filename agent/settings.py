@@ -613,6 +613,9 @@ def _read_config(path: Path, text: str) -> _Layer:
         column = f" (column {pos.group(2)})" if pos else ""
         layer.problems.append(f"{at}: invalid TOML: {_TOML_POSITION.sub('', message)}{column}")
         return layer
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        layer.problems.append(f"{path}:1: invalid TOML: arrays or tables nested too deeply")
+        return layer
     lines = parse_key_lines(text)
 
     def where(*key: Any) -> str:

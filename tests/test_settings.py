@@ -337,3 +337,14 @@ def test_key_lines_skip_multiline_strings_and_follow_tables():
     assert lines[("exclusions", 1)] == 9 and lines[("exclusions", 1, "id")] == 10
     assert lines[("collector",)] == 11 and lines[("collector", "url", "x")] == 12
     assert ("agent", "verify") in lines and 7 not in lines.values()
+
+
+def test_deeply_nested_toml_is_one_problem_not_a_recursion_error(tmp_path: Path):
+    from agent.config_cli import check_config_file
+
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    problems = check_config_file(deep)
+    assert problems == [f"{deep}:1: invalid TOML: arrays or tables nested too deeply"]
+    with pytest.raises(ConfigError):
+        load_settings(config_file=str(deep), default_config_file=None)
