@@ -24,7 +24,7 @@ from agent.rows import Device, ProcessContext, build_rows
 from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
 from agent.sources.walk import WalkCounters, WalkItem, iter_files
-from agent.store import CacheEntry, Store, facts_from_json, facts_to_json
+from agent.store import CacheEntry, Store, StoreError, facts_from_json, facts_to_json
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,8 @@ class Scanner:
             ):
                 try:
                     self.observe(item, stats)
+                except StoreError:
+                    raise  # the store itself failed (disk full, damaged, read-only): stop, committed work is kept
                 except Exception as exc:  # a bug must not end the scan: the file gets a status
                     log.exception("internal error on %s", item.path)
                     stats.statuses["PARSE_ERROR"] += 1

@@ -33,6 +33,7 @@ class Settings:
     verify: bool = _opt(True, "hash and verify signed files (IsTrusted, DigestValid)")
     exclusions: tuple[Mapping[str, Any], ...] = _opt((), "exclusion entries from the config file")
     max_cpu_percent: float = _opt(0.0, "CPU cap for the service loop, in percent of one core (0: none)")
+    lock_timeout: float = _opt(60.0, "seconds a writing command waits for another writer of the state directory")
 
     @property
     def database(self) -> Path:

@@ -49,12 +49,12 @@ _SQL_TYPES = {"datetime": "TEXT", "string": "TEXT", "bool": "INTEGER", "long": "
 # One observation of one signature of one file: a retried batch never stores it twice (schema 2).
 # SignerHash tells two contents apart when SHA256 is empty (--no-verify); NULLs never collide in an
 # index, hence ifnull.
-_OBSERVATION_EXPRS = (
+OBSERVATION_EXPRS = (
     '"DeviceId", "FolderPath", ifnull("SHA256", \'\'), ifnull("SignatureIndex", -1), ifnull("SignerHash", \'\'), '
     '"Timestamp"'
 )
-OBSERVATION_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS cert_rows_observation ON cert_rows ({_OBSERVATION_EXPRS})"
-_OBSERVATION_WHERE = (
+OBSERVATION_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS cert_rows_observation ON cert_rows ({OBSERVATION_EXPRS})"
+OBSERVATION_WHERE = (
     '"DeviceId" = ? AND "FolderPath" = ? AND ifnull("SHA256", \'\') = ifnull(?, \'\') '
     "AND ifnull(\"SignatureIndex\", -1) = ifnull(?, -1) AND ifnull(\"SignerHash\", '') = ifnull(?, '') "
     'AND "Timestamp" = ?'
@@ -381,7 +381,7 @@ def _migrate_1_to_2(db: _Connection, path: Path) -> None:
     unique observation key makes every later insert idempotent. The first row of each observation stays."""
     repeated = db.execute(
         'SELECT "DeviceId", "ReportId" FROM cert_rows WHERE rowid NOT IN (SELECT min(rowid) FROM cert_rows '
-        f"GROUP BY {_OBSERVATION_EXPRS})"
+        f"GROUP BY {OBSERVATION_EXPRS})"
     ).fetchall()
     if repeated:
         db.executemany("DELETE FROM hits WHERE device_id=? AND report_id=?", repeated)
@@ -414,6 +414,7 @@ class Store:
         self.lock = lock
         self.commit_interval = commit_interval
         self._tx_started: float | None = None
+        self._report_id_floor = 0
         try:
             self.db: _Connection = self._open_readonly() if readonly else self._open_writer()
         except BaseException:
@@ -441,6 +442,8 @@ class Store:
                 _migrate_1_to_2(db, self.path)
             db.execute(OBSERVATION_INDEX)
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            floor = db.execute("SELECT value FROM meta WHERE key='report_id_floor'").fetchone()
+            self._report_id_floor = int(floor[0]) if floor else 0
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -534,9 +537,10 @@ class Store:
         )
 
     def _next_report_id(self, device_id: str) -> int:
-        """Above the counter and above every stored ReportId (a counter found behind heals here)."""
+        """Above the counter, above every stored ReportId (a counter found behind heals here) and above
+        the floor a repair sets when it could not read the counters (``report_id_floor`` in meta)."""
         stored = self.db.execute('SELECT max("ReportId") FROM cert_rows WHERE "DeviceId"=?', (device_id,)).fetchone()
-        return max(self.counter(device_id, "ReportId"), int(stored[0] or 0)) + 1
+        return max(self.counter(device_id, "ReportId"), int(stored[0] or 0), self._report_id_floor) + 1
 
     # --- rows
     def insert_rows(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -548,7 +552,7 @@ class Store:
         cols = ", ".join(f'"{c}"' for c in COLUMN_NAMES)
         marks = ", ".join("?" for _ in COLUMN_NAMES)
         insert = f"INSERT INTO cert_rows ({cols}) VALUES ({marks})"  # a conflict is a fault, never a silent drop
-        lookup = f'SELECT "ReportId" FROM cert_rows WHERE {_OBSERVATION_WHERE}'
+        lookup = f'SELECT "ReportId" FROM cert_rows WHERE {OBSERVATION_WHERE}'
         next_id: dict[str, int] = {}
         for row in rows:
             if row.get("ReportId") is not None:  # carries its own (an import): stored as it is, once
