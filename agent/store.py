@@ -168,7 +168,7 @@ class _Connection(sqlite3.Connection):
                 log.debug("rollback after a failure failed too", exc_info=True)
         return StoreError(str(self.failure))
 
-    def _refuse_after_failure(self) -> None:
+    def refuse_after_failure(self) -> None:
         if self.failure is not None:
             raise StoreError(str(self.failure))
 
@@ -176,21 +176,21 @@ class _Connection(sqlite3.Connection):
         return super().cursor(_Cursor)
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
-        self._refuse_after_failure()
+        self.refuse_after_failure()
         try:
             return self.cursor().execute(sql, parameters)
         except sqlite3.Error as exc:
             raise self.failed_with(exc) from exc
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
-        self._refuse_after_failure()
+        self.refuse_after_failure()
         try:
             return self.cursor().executemany(sql, parameters)
         except sqlite3.Error as exc:
             raise self.failed_with(exc) from exc
 
     def executescript(self, sql_script: str, /) -> Any:
-        self._refuse_after_failure()
+        self.refuse_after_failure()
         try:
             return self.cursor().executescript(sql_script)
         except sqlite3.Error as exc:
@@ -504,6 +504,7 @@ class Store:
         self._tx_started = time.monotonic()
 
     def commit(self) -> None:
+        self.db.refuse_after_failure()  # the failed transaction was rolled back: never report it as committed
         if self.db.in_transaction:
             self.db.execute("COMMIT")
         self._tx_started = None
