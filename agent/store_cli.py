@@ -89,7 +89,8 @@ def _repair(settings: Settings) -> int:
     print(
         f"{path}: rebuilt with {done.rows} rows and {done.hits} rule hits; "
         f"{done.skipped_ranges} unreadable stretch(es) skipped, {done.repeated_dropped} repeated observation(s) "
-        f"dropped, {done.reassigned} row(s) given a new ReportId; file cache dropped (the next scan re-parses)"
+        f"dropped, {done.reassigned} row(s) given a new ReportId, {done.orphan_hits_dropped} rule hit(s) of lost rows "
+        "dropped; file cache dropped (the next scan re-parses)"
     )
     for device_id, value in sorted(done.counters.items()):
         print(f"{path}: ReportId counter of device {device_id} set to {value}")

@@ -60,6 +60,7 @@ class RepairReport:
     skipped_ranges: int = 0  # unreadable stretches stepped over (rows or hits lost there)
     repeated_dropped: int = 0
     reassigned: int = 0  # rows that shared a ReportId with another and got a new one
+    orphan_hits_dropped: int = 0  # rule hits whose row could not be read
     counters_lost: bool = False
     report_id_floor: int = 0
     problems: tuple[str, ...] = ()
@@ -204,6 +205,11 @@ def repair_store(path: Path) -> RepairReport:
             skipped_before = report.skipped_ranges
             _copy_rows(src, fresh, report, highest, counters)
             _copy_hits(src, fresh, report, highest)
+            report.orphan_hits_dropped = fresh.db.execute(  # their rows were lost with the damage
+                "DELETE FROM hits WHERE NOT EXISTS (SELECT 1 FROM cert_rows r "
+                'WHERE r."DeviceId" = hits.device_id AND r."ReportId" = hits.report_id)'
+            ).rowcount
+            report.hits -= report.orphan_hits_dropped
             rows_lost = report.skipped_ranges > skipped_before
             for (device_id, name), value in counters.items():
                 if name != "ReportId":
