@@ -460,8 +460,9 @@ class Store:
         except StoreError as exc:
             db.close()
             parent = self.path.parent
-            if "cannot open" not in str(exc) or os.access(parent, os.W_OK):
+            if os.access(parent, os.W_OK):
                 raise
+            log.debug("%s: read-only directory (%s): reading the file as immutable", self.path, exc)
             # A read-only directory cannot hold the WAL index (-shm) a plain read-only open needs.
             # Nobody can write here, so reading the file as immutable is exact, except for a
             # write-ahead log left behind, which cannot be read without that index.
