@@ -60,6 +60,8 @@ OBSERVATION_WHERE = (
     'AND "Timestamp" = ?'
 )
 OBSERVATION_COLUMNS = ("DeviceId", "FolderPath", "SHA256", "SignatureIndex", "SignerHash", "Timestamp")
+_OBSERVATION_AT = [COLUMN_NAMES.index(c) for c in OBSERVATION_COLUMNS]
+_REPORT_ID_AT = COLUMN_NAMES.index("ReportId")
 
 
 def _ddl() -> list[str]:
@@ -254,12 +256,17 @@ class StoreLock:
                         "per state directory; try again later or raise lock_timeout in the config"
                     ) from None
             self._lock = lock
-            tmp = self.owner_path.with_name(f"{LOCK_OWNER_FILE}.{os.getpid()}")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "command": self.command}), encoding="utf-8")
-            os.replace(tmp, self.owner_path)
         except OSError as exc:
             self.release()
             raise StoreError(f"{self.path}: {explain_sqlite_error(exc)}") from exc
+
+        tmp = self.owner_path.with_name(f"{LOCK_OWNER_FILE}.{os.getpid()}")
+        try:  # only for the waiting message: a full disk must not stop the lock here
+            tmp.write_text(json.dumps({"pid": os.getpid(), "command": self.command}), encoding="utf-8")
+            os.replace(tmp, self.owner_path)
+        except OSError:
+            log.debug("cannot write %s", self.owner_path, exc_info=True)
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock is not None:
@@ -557,21 +564,19 @@ class Store:
         lookup = f'SELECT "ReportId" FROM cert_rows WHERE {OBSERVATION_WHERE}'
         next_id: dict[str, int] = {}
         for row in rows:
+            values = [_to_sql(c, row.get(c)) for c in COLUMN_NAMES]
             if row.get("ReportId") is not None:  # carries its own (an import): stored as it is, once
-                self.db.execute(
-                    insert.replace("INSERT", "INSERT OR IGNORE", 1), tuple(_to_sql(c, row.get(c)) for c in COLUMN_NAMES)
-                )
+                self.db.execute(insert.replace("INSERT", "INSERT OR IGNORE", 1), values)
                 continue
             device_id = row["DeviceId"]
-            if device_id not in next_id:
-                next_id[device_id] = self._next_report_id(device_id)
-            key = tuple(_to_sql(c, row.get(c)) for c in OBSERVATION_COLUMNS)
-            existing = self.db.execute(lookup, key).fetchone()
+            existing = self.db.execute(lookup, [values[i] for i in _OBSERVATION_AT]).fetchone()
             if existing is not None:
                 row["ReportId"] = existing[0]
                 continue
-            row["ReportId"] = next_id[device_id]
-            self.db.execute(insert, tuple(_to_sql(c, row.get(c)) for c in COLUMN_NAMES))
+            if device_id not in next_id:
+                next_id[device_id] = self._next_report_id(device_id)
+            row["ReportId"] = values[_REPORT_ID_AT] = next_id[device_id]
+            self.db.execute(insert, values)
             next_id[device_id] += 1
         for device_id, following in next_id.items():
             self._raise_counter(device_id, "ReportId", following - 1)

@@ -115,13 +115,15 @@ def test_a_full_disk_mid_scan_is_one_line_and_keeps_committed_rows(tmp_path, how
                 while True:
                     filler.write(b"\0" * 65536)
                     filler.flush()
+            os.truncate(state / "filler", os.path.getsize(state / "filler") - 48 * 1024)  # room to start, not finish
             limit = {}
             phrase = "disk full"
         else:  # no mount here (or the rlimit case): every file of the scan may grow only a little
             limit = {"preexec_fn": _limit_file_size(os.path.getsize(state / DB) + 64 * 1024)}
             phrase = "work committed before this point is kept"
         out = rmmhunt("scan", str(big_tree), "--no-progress", state=state, **limit)
-        one_error_line(out, state, phrase)
+        line = one_error_line(out, state, phrase)
+        assert line.startswith(f"rmmhunt: error: {state / DB}: ")  # the store failed mid-scan, not the lock
         after = stored(state / DB)
         assert after[: len(before)] == before  # nothing committed was lost
         (state / "filler").unlink(missing_ok=True)
