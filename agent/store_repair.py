@@ -80,12 +80,17 @@ def check_store(path: Path) -> CheckReport:
     with store:
         db = store.db
 
+        failures: set[str] = set()
+
         def run(label: str, sql: str) -> list[Any]:
             try:
                 return list(db.execute(sql).fetchall())
             except StoreError as exc:
-                problems.append(f"{label}: {str(exc).removeprefix(f'{path}: ')}")
                 db.failure = None  # keep checking the rest
+                text = str(exc).removeprefix(f"{path}: ")
+                if text not in failures:  # one damaged page fails several checks alike: say it once
+                    failures.add(text)
+                    problems.append(f"{label}: {text}")
                 return []
 
         version = run("schema", "SELECT value FROM meta WHERE key='schema_version'")
