@@ -162,7 +162,7 @@ class _Connection(sqlite3.Connection):
     def failed_with(self, exc: BaseException) -> StoreError:
         if self.failure is None:
             self.failure = StoreError(f"{self.store_path}: {explain_sqlite_error(exc)}")
-            log.debug("store failure on %s", self.store_path, exc_info=exc)
+            log.info("store failure on %s", self.store_path, exc_info=exc)  # the traceback, with -v
             try:
                 if self.in_transaction:
                     super().rollback()

@@ -235,7 +235,7 @@ def test_a_second_writer_refuses_after_lock_timeout_and_readers_never_wait(tmp_p
 
 def test_kill_9_at_random_points_loses_no_committed_row_and_reuses_no_report_id(tmp_path):
     rng = random.Random(6)
-    copies = 20
+    copies = 12
     tree = _signed_tree(tmp_path / "tree", copies)
     state = tmp_path / "state"
     db = state / "rmmhunt.sqlite3"
@@ -247,7 +247,7 @@ def test_kill_9_at_random_points_loses_no_committed_row_and_reuses_no_report_id(
         for path in tree.iterdir():
             os.utime(path, ns=(stamp, stamp))
         proc = _scan(state, tree)
-        deadline = time.monotonic() + rng.uniform(0.5, 1.8)
+        deadline = time.monotonic() + rng.uniform(0.5, 1.6)
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if proc.poll() is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import resource
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import main
 from tests.conftest import FIXTURES, ROOT
 
 SIGNED = {"pulseway.exe": 1, "dual_signed.exe": 2}
@@ -26,8 +28,17 @@ DB = "rmmhunt.sqlite3"
 def rmmhunt(
     *args: str, state: Path, timeout: float = 120, prefix: tuple[str, ...] = (), **kwargs
 ) -> subprocess.CompletedProcess:
+    """The console script in a fresh process (what a user sees on stderr, exit code, rlimits, caps)."""
     cmd = [*prefix, sys.executable, "-m", "agent.cli", *args, "--state-dir", str(state)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def cli(*args: str, state: Path) -> subprocess.CompletedProcess:
+    """The same entry point, in this process (saves the interpreter start-up where nothing else differs)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--state-dir", str(state)])
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def one_error_line(out: subprocess.CompletedProcess, state: Path, *phrases: str) -> str:
@@ -67,7 +78,7 @@ def scanned(tmp_path_factory) -> tuple[Path, Path]:
     """(state dir, tree): 12 copies of two signed fixtures scanned once; tests copy the state."""
     base = tmp_path_factory.mktemp("scanned")
     tree = signed_tree(base / "tree", 12)
-    out = rmmhunt("scan", str(tree), "--no-progress", state=base / "state")
+    out = cli("scan", str(tree), "--no-progress", state=base / "state")
     assert out.returncode == 1, out.stderr
     return base / "state", tree
 
@@ -106,7 +117,7 @@ def test_a_full_disk_mid_scan_is_one_line_and_keeps_committed_rows(tmp_path, how
     big_tree = signed_tree(tmp_path / "big", 15, prefix="big-")
     with small_filesystem(tmp_path / "state", "4m") as mounted:
         state = tmp_path / "state"
-        out = rmmhunt("scan", str(first_tree), "--no-progress", state=state)
+        out = cli("scan", str(first_tree), "--no-progress", state=state)
         assert out.returncode == 1, out.stderr
         before = stored(state / DB)
         assert len(before) == 2 * 3
@@ -132,7 +143,7 @@ def test_a_full_disk_mid_scan_is_one_line_and_keeps_committed_rows(tmp_path, how
         conn.close()
         if how == "rlimit":
             return
-        out = rmmhunt("scan", str(big_tree), "--no-progress", state=state)  # space again: it completes
+        out = cli("scan", str(big_tree), "--no-progress", state=state)  # space again: it completes
         assert out.returncode == 1, out.stderr
         paths = {os.path.basename(p) for _i, p, _s in stored(state / DB)}
         assert {f"big-{i:03d}-{name}" for i in range(15) for name in SIGNED} <= paths
@@ -170,8 +181,8 @@ def test_a_damaged_store_is_one_line_then_check_finds_it_and_repair_rebuilds_it(
     damaged_sha = hashlib.sha256(db.read_bytes()).hexdigest()
 
     one_error_line(rmmhunt("rows", state=state), state, "damaged", "store check --repair")
-    one_error_line(rmmhunt("hunt", state=state), state, "damaged")
-    check = rmmhunt("store", "check", state=state)
+    one_error_line(cli("hunt", state=state), state, "damaged")
+    check = cli("store", "check", state=state)
     assert check.returncode == 1 and "Traceback" not in check.stderr, check.stderr
     assert check.stdout.strip().splitlines()[-1] == (
         f"{db}: {len(check.stdout.strip().splitlines()) - 1} problem(s): `rmmhunt store check --repair` rebuilds "
@@ -179,20 +190,20 @@ def test_a_damaged_store_is_one_line_then_check_finds_it_and_repair_rebuilds_it(
     )
     assert hashlib.sha256(db.read_bytes()).hexdigest() == damaged_sha  # check reads only
 
-    repair = rmmhunt("store", "check", "--repair", state=state)
+    repair = cli("store", "check", "--repair", state=state)
     assert repair.returncode == 0, repair.stdout + repair.stderr
     asides = sorted(state.glob(f"{DB}.corrupt-*"))
     main_aside = [p for p in asides if not p.name.endswith(("-wal", "-shm"))]
     assert len(main_aside) == 1 and f"moved aside to {main_aside[0]}" in repair.stdout
     assert hashlib.sha256(main_aside[0].read_bytes()).hexdigest() == damaged_sha  # kept, never deleted
-    assert rmmhunt("store", "check", state=state).returncode == 0
+    assert cli("store", "check", state=state).returncode == 0
 
     recovered = stored(db)
     if how == "page":  # one page of rows lost, the rest recovered with their ReportIds
         assert total - 20 <= len(recovered) < total
-    assert len(csv_rows(rmmhunt("rows", "--format", "csv", state=state))) == len(recovered)
+    assert len(csv_rows(cli("rows", "--format", "csv", state=state))) == len(recovered)
 
-    out = rmmhunt("scan", str(tree), "--no-progress", state=state)  # the file cache was dropped: all re-parsed
+    out = cli("scan", str(tree), "--no-progress", state=state)  # the file cache was dropped: all re-parsed
     assert out.returncode == 1, out.stderr
     rows = stored(db)
     per_file: dict[str, set[int]] = {}
@@ -248,7 +259,7 @@ def unwritable_state(state: Path) -> Iterator[dict]:
 @pytest.mark.parametrize("fault", ["read-only", "unwritable"])
 def test_scan_refuses_an_unwritable_state_directory_and_readers_still_work(tmp_path, scanned, fault):
     state = copy_state(scanned, tmp_path / "state")
-    expected = csv_rows(rmmhunt("rows", "--format", "csv", state=state))
+    expected = csv_rows(cli("rows", "--format", "csv", state=state))
     for leftover in [*state.glob("*-wal"), *state.glob("*-shm")]:  # as a writer leaves it: no WAL index to reuse
         assert leftover.name.endswith("-shm") or leftover.stat().st_size == 0
         leftover.unlink()
@@ -258,9 +269,10 @@ def test_scan_refuses_an_unwritable_state_directory_and_readers_still_work(tmp_p
         before = sorted(p.name for p in where.iterdir())
         out = rmmhunt("scan", str(scanned[1]), "--no-progress", state=where, **kwargs)
         one_error_line(out, where, "writable state directory")
-        assert csv_rows(rmmhunt("rows", "--format", "csv", state=where, **kwargs)) == expected
-        hunt = rmmhunt("hunt", "--format", "json", state=where, **kwargs)
+        run = (lambda *a: rmmhunt(*a, state=where, **kwargs)) if kwargs else (lambda *a: cli(*a, state=where))
+        assert csv_rows(run("rows", "--format", "csv")) == expected
+        hunt = run("hunt", "--format", "json")
         assert hunt.returncode == 1 and "Pulseway" in hunt.stdout, hunt.stderr
-        check = rmmhunt("store", "check", state=where, **kwargs)
+        check = run("store", "check")
         assert check.returncode == 0 and ": ok (schema 2" in check.stdout, check.stdout + check.stderr
         assert sorted(p.name for p in where.iterdir()) == before
