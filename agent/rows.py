@@ -82,3 +82,4 @@ def build_rows(
         }
         rows.append(row)
     return rows
+
