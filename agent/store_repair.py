@@ -271,16 +271,15 @@ def _copy_rows(
     try:
         for record in _iter_salvage(src, "cert_rows", cols, report):
             device_id, report_id = record[device_at], record[report_at]
+            highest[device_id] = max(highest.get(device_id, 0), int(report_id or 0))  # used, even if dropped
             if fresh.db.execute(insert, record).rowcount:
                 report.rows += 1
-                highest[device_id] = max(highest.get(device_id, 0), int(report_id or 0))
                 continue
             key = (*(record[i] for i in key_at), record[ts_at])
             if fresh.db.execute(f"SELECT 1 FROM cert_rows WHERE {OBSERVATION_WHERE}", key).fetchone():
                 report.repeated_dropped += 1
             else:
                 clash.append(list(record))
-                highest[device_id] = max(highest.get(device_id, 0), int(report_id or 0))
     except sqlite3.Error as exc:  # no such table (garbage or empty file): nothing to copy
         log.debug("cert_rows unreadable: %s", exc)
     for values in clash:  # a ReportId held by two different rows: the second gets a new one, never dropped

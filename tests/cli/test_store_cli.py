@@ -276,3 +276,53 @@ def test_scan_refuses_an_unwritable_state_directory_and_readers_still_work(tmp_p
         check = run("store", "check")
         assert check.returncode == 0 and ": ok (schema 2" in check.stdout, check.stdout + check.stderr
         assert sorted(p.name for p in where.iterdir()) == before
+
+
+# --- logical damage: what integrity_check cannot see
+
+
+def test_check_reports_duplicate_report_ids_repeated_rows_and_a_counter_behind_and_repair_fixes_them(tmp_path):
+    from agent.schema import COLUMN_NAMES
+    from agent.store import Store
+
+    state = tmp_path / "state"
+    db = state / DB
+    with Store(db) as store:
+        base = dict.fromkeys(COLUMN_NAMES)
+        base.update(DeviceId="e" * 40, DeviceName="h", SHA256="ab" * 32, SignatureIndex=0, SignerHash="cd" * 20)
+        for name in ("a", "b", "c"):
+            store.insert_rows([{**base, "FolderPath": f"/x/{name}.exe", "Timestamp": _when(0)}])
+    conn = sqlite3.connect(db)
+    cols = ", ".join(f'"{c}"' for c in COLUMN_NAMES)
+    # A table whose primary key and observation key were lost (as a damaged index would let through):
+    conn.executescript(
+        "CREATE TABLE loose AS SELECT * FROM cert_rows; DROP TABLE cert_rows; ALTER TABLE loose RENAME TO cert_rows;"
+    )
+    moved = cols.replace('"FolderPath"', "'/x/d.exe'")
+    conn.execute(f'INSERT INTO cert_rows ({cols}) SELECT {moved} FROM cert_rows WHERE "ReportId" = 2')  # 2 held twice
+    again = cols.replace('"ReportId"', "9")
+    conn.execute(f'INSERT INTO cert_rows ({cols}) SELECT {again} FROM cert_rows WHERE "ReportId" = 1')  # a.exe twice
+    conn.execute("UPDATE counters SET value = 1")
+    conn.commit()
+    conn.close()
+
+    check = cli("store", "check", state=state)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert f"ReportId 2 of device {'e' * 40} is held by 2 rows" in check.stdout
+    assert "1 row(s) repeat an observation already stored (stored twice)" in check.stdout
+    assert f"the ReportId counter of device {'e' * 40} (1) is behind the ReportIds in use (up to 9)" in check.stdout
+
+    repair = cli("store", "check", "--repair", state=state)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "1 repeated observation(s) dropped, 1 row(s) given a new ReportId" in repair.stdout
+    rows = stored(db)
+    assert sorted(p for _i, p, _s in rows) == ["/x/a.exe", "/x/b.exe", "/x/c.exe", "/x/d.exe"]  # nothing dropped
+    ids = [i for i, _p, _s in rows]
+    assert len(set(ids)) == 4 and max(ids) == 10  # the second holder of 2 moved above everything used (9)
+    assert cli("store", "check", state=state).returncode == 0
+
+
+def _when(seconds: int):
+    import datetime as dt
+
+    return dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=seconds)
