@@ -529,15 +529,6 @@ class Store:
         row = self.db.execute("SELECT value FROM counters WHERE device_id=? AND name=?", (device_id, name)).fetchone()
         return int(row[0]) if row else 0
 
-    def allocate(self, device_id: str, name: str, count: int) -> int:
-        """Reserve ``count`` values of a monotonic counter; returns the first one (1-based)."""
-        self.db.execute(
-            "INSERT INTO counters (device_id, name, value) VALUES (?, ?, ?) "
-            "ON CONFLICT (device_id, name) DO UPDATE SET value = value + excluded.value",
-            (device_id, name, count),
-        )
-        return self.counter(device_id, name) - count + 1
-
     def _raise_counter(self, device_id: str, name: str, value: int) -> None:
         self.db.execute(
             "INSERT INTO counters (device_id, name, value) VALUES (?, ?, ?) "
