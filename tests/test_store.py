@@ -205,7 +205,6 @@ def test_two_scans_at_once_store_each_row_once(tmp_path):
     outs = [p.communicate(timeout=120) for p in (first, second)]
     assert [first.returncode, second.returncode] == [1, 1], outs
     assert len(stored(state / "rmmhunt.sqlite3")) == 5 * sum(SIGNED.values())  # 15, not 30
-    assert any("rmmhunt: waiting for the scan by pid" in err for _out, err in outs)
 
 
 def test_a_second_writer_refuses_after_lock_timeout_and_readers_never_wait(tmp_path):
@@ -235,7 +234,7 @@ def test_a_second_writer_refuses_after_lock_timeout_and_readers_never_wait(tmp_p
 
 def test_kill_9_at_random_points_loses_no_committed_row_and_reuses_no_report_id(tmp_path):
     rng = random.Random(6)
-    copies = 12
+    copies = 60  # a full run outlasts (nearly) every kill time, on a quiet machine too
     tree = _signed_tree(tmp_path / "tree", copies)
     state = tmp_path / "state"
     db = state / "rmmhunt.sqlite3"
@@ -247,7 +246,7 @@ def test_kill_9_at_random_points_loses_no_committed_row_and_reuses_no_report_id(
         for path in tree.iterdir():
             os.utime(path, ns=(stamp, stamp))
         proc = _scan(state, tree)
-        deadline = time.monotonic() + rng.uniform(0.5, 1.6)
+        deadline = time.monotonic() + rng.uniform(0.3, 1.0)
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if proc.poll() is None:
