@@ -34,6 +34,7 @@ class Settings:
     exclusions: tuple[Mapping[str, Any], ...] = _opt((), "exclusion entries from the config file")
     max_cpu_percent: float = _opt(0.0, "CPU cap for the service loop, in percent of one core (0: none)")
     lock_timeout: float = _opt(60.0, "seconds a writing command waits for another writer of the state directory")
+    commit_interval: float = _opt(0.5, "a writing command commits at least this often (seconds a kill may lose)")
 
     @property
     def database(self) -> Path:

@@ -7,7 +7,8 @@ Faults: every sqlite3 or OS failure of the store becomes one ``StoreError`` whos
 names the database file and says what to do. After the first failure a ``Store`` refuses
 every further statement (the open transaction is rolled back), so nothing half-written is
 ever committed after it: work committed before the fault is kept. Writers commit at least
-every ``COMMIT_INTERVAL_SECONDS`` so a kill or a full disk loses seconds of work.
+every ``commit_interval`` seconds (default ``COMMIT_INTERVAL_SECONDS``) so a kill or a full disk loses
+well under a second of work.
 
 Readers open the database read-only (``Store(path, readonly=True)``): they never create,
 migrate or lock it, and work on a read-only state directory. One writer at a time per
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 #: 1: the first layout; 2: the unique observation key ``cert_rows_observation`` (idempotent inserts)
 SCHEMA_VERSION = 2
 #: a writer inside ``begin()`` commits at least this often (between two files), so a kill loses seconds of work
-COMMIT_INTERVAL_SECONDS = 1.0
+COMMIT_INTERVAL_SECONDS = 0.5
 #: the lock file every writing command holds in the state directory
 LOCK_FILE = "rmmhunt.lock"
 #: who holds the lock (pid and command), written after the lock is taken; read by a waiting writer

@@ -33,7 +33,7 @@ def open_store(settings: Settings, *, write: bool, command: str = "scan") -> Sto
         return Store(settings.database, readonly=True)
     lock = StoreLock(settings.state_dir, timeout=settings.lock_timeout, command=command, on_wait=_say)
     lock.acquire()
-    return Store(settings.database, lock=lock)
+    return Store(settings.database, lock=lock, commit_interval=settings.commit_interval)
 
 
 def add_parser(subparsers: Any) -> None:

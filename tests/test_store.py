@@ -16,7 +16,7 @@ import time
 import pytest
 
 from agent.schema import COLUMN_NAMES
-from agent.store import LOCK_FILE, SCHEMA_VERSION, Store, StoreError, StoreLock
+from agent.store import LOCK_FILE, LOCK_OWNER_FILE, SCHEMA_VERSION, Store, StoreError, StoreLock
 from tests.conftest import FIXTURES, ROOT
 
 DEVICE = "d" * 40
@@ -232,27 +232,54 @@ def test_a_second_writer_refuses_after_lock_timeout_and_readers_never_wait(tmp_p
 # --- kill -9 at random points (issue 6, "Deliver also")
 
 
+def _committed_rows(db) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM cert_rows").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:  # no store yet
+        return 0
+
+
 def test_kill_9_at_random_points_loses_no_committed_row_and_reuses_no_report_id(tmp_path):
     rng = random.Random(6)
-    copies = 60  # a full run outlasts (nearly) every kill time, on a quiet machine too
+    copies = 30
     tree = _signed_tree(tmp_path / "tree", copies)
     state = tmp_path / "state"
     db = state / "rmmhunt.sqlite3"
+    config = tmp_path / "agent.toml"
+    config.write_text("[agent]\ncommit_interval = 0.05\n", encoding="utf-8")  # many commits in a short run
     seen: dict[int, tuple] = {}  # every committed ReportId -> its row: never lost, never changed, never reused
+    # Kill points: "early" = a random moment in the first half second after the scan took the lock (store
+    # open, migration, first files); "mid" = a random moment up to 0.2 s after this run's first commit.
+    plan = ["early", "mid", "early", "mid", "mid"]
+    rng.shuffle(plan)
     kills = attempts = 0
-    while kills < 5 and attempts < 12:
+    while kills < len(plan) and attempts < 12:
         attempts += 1
         stamp = time.time_ns()  # touched: the run has every file to parse again, not only the uncached ones
         for path in tree.iterdir():
             os.utime(path, ns=(stamp, stamp))
-        proc = _scan(state, tree)
-        deadline = time.monotonic() + rng.uniform(0.3, 1.0)
+        before = _committed_rows(db)
+        proc = _scan(state, tree, "--config", str(config))
+        if plan[kills] == "early":
+            while proc.poll() is None and not (state / LOCK_OWNER_FILE).exists():
+                time.sleep(0.005)
+            pause = rng.uniform(0.0, 0.5)
+        else:
+            while proc.poll() is None and _committed_rows(db) == before:
+                time.sleep(0.01)
+            pause = rng.uniform(0.0, 0.2)
+        deadline = time.monotonic() + pause
         while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.communicate(timeout=120)
+        (state / LOCK_OWNER_FILE).unlink(missing_ok=True)  # left behind by a killed writer
         if not db.exists():
             continue
         check = sqlite3.connect(db)
@@ -265,8 +292,11 @@ def test_kill_9_at_random_points_loses_no_committed_row_and_reuses_no_report_id(
         for report_id, before in seen.items():
             assert rows.get(report_id) == before  # committed rows survive every kill, unchanged
         seen.update(rows)
-    assert kills == 5
-    final = _scan(state, tree)  # no touch: files cached by a committed run are not parsed again
+    assert kills == len(plan) == 5
+    assert seen  # the "mid" kills landed after commits of their own run
+    final = _scan(
+        state, tree, "--config", str(config)
+    )  # no touch: files cached by a committed run are not parsed again
     final.communicate(timeout=120)
     assert final.returncode == 1
     rows = stored(db)
