@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import __version__, config_cli
+from agent import __version__, config_cli, store_cli
 from agent.output import FORMATS, plain, render
 from agent.settings import ConfigError, Settings, load_settings
+from agent.store import StoreError
 
 log = logging.getLogger("rmmhunt")
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(rc, suppress=True)
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
     config_cli.add_parser(sub, _global_options)
+    store_cli.add_parser(sub)
     return parser
 
 
@@ -165,10 +167,8 @@ def _load_exclusions(settings: Settings, rules: Sequence[Any] = ()) -> list[Any]
     return load_exclusions(settings, rules, sys.stderr)
 
 
-def _open_store(settings: Settings) -> Any:
-    from agent.store import Store
-
-    return Store(settings.database)
+def _open_store(settings: Settings, *, write: bool = True) -> Any:
+    return store_cli.open_store(settings, write=write)
 
 
 def _write(text: str, out: str | None) -> None:
@@ -357,7 +357,7 @@ def cmd_hunt(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown rule id(s): {', '.join(sorted(unknown))}")
         rules = [r for r in rules if r.id in wanted]
     exclusions = _load_exclusions(settings)
-    with _open_store(settings) as store:
+    with _open_store(settings, write=False) as store:
         results = _hunt(store, rules, roots=None, include_excluded=args.include_excluded, exclusions=exclusions)
     _write(_render_results(results, args.format, args.rows), args.out)
     return EXIT_FINDINGS if results else EXIT_CLEAN
@@ -367,7 +367,7 @@ def cmd_rows(args: argparse.Namespace) -> int:
     from agent.schema import COLUMN_NAMES
 
     settings = _settings(args)
-    with _open_store(settings) as store:
+    with _open_store(settings, write=False) as store:
         rows = list(store.iter_rows(where='"Excluded" = 1' if args.excluded else ""))
     _write(render(rows, args.format, columns=COLUMN_NAMES, max_width=40), args.out)
     return EXIT_CLEAN
@@ -402,6 +402,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
 COMMANDS["config"] = config_cli.run
+COMMANDS["store"] = store_cli.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, StoreError) as exc:
         print(f"rmmhunt: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ from agent.rules.index import RuleIndex
 from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
 from agent.sources.walk import WalkCounters, WalkItem, iter_files, status_of
-from agent.store import CacheEntry, Store, facts_from_json, facts_to_json
+from agent.store import CacheEntry, Store, StoreError, facts_from_json, facts_to_json
 from agent.textenc import encodable, escape_path
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,8 @@ class Scanner:
                 self._missing.discard(item.path)
                 try:
                     self.observe(item, stats)
+                except StoreError:
+                    raise  # the store itself failed (disk full, damaged, read-only): stop, committed work is kept
                 except Exception as exc:  # a bug must not end the scan: the file gets a status
                     log.exception("internal error on %s", escape_path(item.path))
                     stats.statuses["PARSE_ERROR"] += 1

@@ -256,10 +256,17 @@ class Settings:
     log_backups: int = _opt(5, "rotated log files kept", minimum=0, maximum=1000)
     # --- the store
     lock_timeout: float = _opt(
-        30.0,
+        60.0,
         "a second writer on the same state directory waits this long for the lock, then gives up; 0: refuse at once",
         minimum=0,
         maximum=DAY,
+        unit="seconds",
+    )
+    commit_interval: float = _opt(
+        0.5,
+        "a writing command commits at least this often, so a kill or a fault loses at most this much work",
+        minimum=0.01,
+        maximum=60,
         unit="seconds",
     )
     # --- forwarding to a collector ([collector] table)

@@ -213,7 +213,7 @@ def test_new_settings_and_their_defaults():
     assert s.watch_roots == () and s.rescan_interval == 86400 and s.process_sweep_interval == 300
     assert s.settle_seconds == 1.0 and s.memory_limit_mb == 512 and s.log_file is None
     assert s.log_max_bytes > 0 and s.log_backups >= 1 and s.max_cpu_percent == 0
-    assert s.lock_timeout == 30
+    assert s.lock_timeout == 60
     assert (s.collector_url, s.collector_enroll_secret, s.collector_ca_file) == ("", "", None)
     assert (s.collector_forward, s.collector_max_outbox_bytes) == ("hits", 256 * MiB)
     assert OPTIONS_BY_NAME["collector_url"].dotted == "collector.url"
