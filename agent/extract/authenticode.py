@@ -321,7 +321,10 @@ def explain_malformed_chain(chain: list[Certificate], trusted: CertificateStore)
 
 
 def _leaf_certificate(sig: AuthenticodeSignature, si: Any) -> Certificate:
-    return sig.certificates.find_certificate(issuer=si.issuer, serial_number=si.serial_number)
+    """The signer's certificate; the first of several identical copies (Windows accepts them)."""
+    for cert in sig.certificates.find_certificates(issuer=si.issuer, serial_number=si.serial_number):
+        return cert
+    raise KeyError("the signer's certificate is not in the signature")
 
 
 def _issuer_hash(sig: AuthenticodeSignature, leaf: Certificate) -> str:

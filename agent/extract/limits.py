@@ -175,9 +175,7 @@ def _count_signer_info(buf: bytes, signer_info: _TLV, tally: _Tally, depth: int)
                 continue
             for value in _children(buf, oid_and_values[1], tally, depth + 3):
                 if value.tag == 0x30:
-                    _count_content_info(
-                        buf, value, tally, depth + 4, is_signature=oid == _OID_NESTED_SIGNATURE
-                    )
+                    _count_content_info(buf, value, tally, depth + 4, is_signature=oid == _OID_NESTED_SIGNATURE)
 
 
 def check_pkcs7(der: bytes, caps: Caps, tally: _Tally | None = None, tick: Callable[[], None] | None = None) -> _Tally:
