@@ -412,8 +412,8 @@ def _short_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-6))
 
 
-def _worker(conn: Connection, seed_value: int, budget: float) -> None:
-    runner = CaseRunner(seed_value, budget)
+def _worker(conn: Connection, seed_value: int, budget: float, runner_class: type[CaseRunner]) -> None:
+    runner = runner_class(seed_value, budget)
     conn.send(("ready", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     while True:
         index = conn.recv()
@@ -464,10 +464,10 @@ class Report:
 
 
 class _Slot:
-    def __init__(self, ctx: Any, seed_value: int, budget: float) -> None:
+    def __init__(self, ctx: Any, seed_value: int, budget: float, runner_class: type[CaseRunner]) -> None:
         parent, child = ctx.Pipe()
         self.conn: Connection = parent
-        self.proc = ctx.Process(target=_worker, args=(child, seed_value, budget), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, seed_value, budget, runner_class), daemon=True)
         self.proc.start()
         child.close()
         self.ready = False
@@ -498,6 +498,8 @@ def run_pool(
     timeout: float = 30.0,
     start_method: str = "fork",
     progress: Callable[[Report], None] | None = None,
+    notify: Callable[[str], None] | None = None,
+    runner_class: type[CaseRunner] = CaseRunner,
 ) -> Report:
     """Run cases 0..cases-1 in ``workers`` subprocesses; kill and replace any worker that
     takes longer than ``timeout`` seconds for one case."""
@@ -505,7 +507,7 @@ def run_pool(
     report = Report()
     started = time.monotonic()
     pending = iter(range(cases))
-    slots = [_Slot(ctx, seed_value, budget) for _ in range(workers or os.cpu_count() or 2)]
+    slots = [_Slot(ctx, seed_value, budget, runner_class) for _ in range(workers or os.cpu_count() or 2)]
     done = False
 
     def dispatch(slot: _Slot) -> None:
@@ -532,23 +534,32 @@ def run_pool(
                         message, maxrss = slot.conn.recv()
                     except (EOFError, OSError):  # the worker died: a crash of the case it held
                         if slot.index is not None:
-                            report.add(Outcome(slot.index, "CRASH", time.monotonic() - slot.started,
-                                               _describe(slot.index, seed_value), "worker died"))  # fmt: skip
-                        slots[slots.index(slot)] = _replace(slot, ctx, seed_value, budget, kill=True)
+                            died = Outcome(slot.index, "CRASH", time.monotonic() - slot.started,
+                                           _describe(slot.index, seed_value), "worker died")  # fmt: skip
+                            report.add(died)
+                            if notify is not None:
+                                notify(f"CRASH case {died.index}: {died.description}: worker died")
+                        slots[slots.index(slot)] = _replace(slot, ctx, seed_value, budget, runner_class)
                         continue
                     report.peak_rss_kb = max(report.peak_rss_kb, maxrss)
                     if message == "ready":
                         slot.ready = True
                     else:
                         report.add(message)
+                        if message.status == "CRASH" and notify is not None:
+                            notify(f"CRASH case {message.index}: {message.description}\n{message.error}")
                         if progress is not None and report.cases % 1000 == 0:
                             progress(report)
                     dispatch(slot)
                 elif slot.ready and slot.index is not None and time.monotonic() - slot.started > timeout:
                     report.cases += 1
                     report.statuses["HANG"] += 1
-                    report.hangs.append(Outcome(slot.index, "HANG", timeout, _describe(slot.index, seed_value)))
-                    new = _replace(slot, ctx, seed_value, budget, kill=True)
+                    hang = Outcome(slot.index, "HANG", timeout, _describe(slot.index, seed_value))
+                    report.hangs.append(hang)
+                    report.peak_rss_kb = max(report.peak_rss_kb, _rss_kb(slot.proc.pid))  # a hang may be a memory hog
+                    if notify is not None:
+                        notify(f"HANG case {hang.index}: {hang.description}")
+                    new = _replace(slot, ctx, seed_value, budget, runner_class)
                     slots[slots.index(slot)] = new
             if done and all(s.index is None and s.ready for s in slots):
                 break
@@ -559,9 +570,18 @@ def run_pool(
     return report
 
 
-def _replace(slot: _Slot, ctx: Any, seed_value: int, budget: float, *, kill: bool) -> _Slot:
-    slot.stop(kill=kill)
-    return _Slot(ctx, seed_value, budget)
+def _rss_kb(pid: int | None) -> int:
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss // 1024)
+    except (psutil.Error, ValueError):
+        return 0
+
+
+def _replace(slot: _Slot, ctx: Any, seed_value: int, budget: float, runner_class: type[CaseRunner]) -> _Slot:
+    slot.stop(kill=True)
+    return _Slot(ctx, seed_value, budget, runner_class)
 
 
 _SEEDS_FOR_DESCRIPTIONS: list[Seed] = []
@@ -599,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     report = run_pool(
         args.cases, seed_value=args.seed, workers=args.workers, budget=args.budget, timeout=args.timeout,
-        progress=progress,
+        progress=progress, notify=lambda line: print(line, file=sys.stderr, flush=True),
     )  # fmt: skip
     print("\n".join(report.lines()))
     if args.save is not None and (report.crashes or report.hangs):
