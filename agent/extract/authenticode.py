@@ -5,6 +5,13 @@ status in :class:`FileFacts`. Only signed files are hashed and verified. Chain v
 (certvalidator, ~50 ms with the Microsoft root bundle) is cached per certificate chain by
 :class:`TrustVerifier`; the per-file checks (file digest, message digest, the signer's
 signature over the authenticated attributes) still run for every file.
+
+Bounded per file: the certificate table is compared with its caps (size, certificates,
+signatures; agent.extract.limits) before any parser sees it, and the time budget is checked
+on every read of the stream and inside the parsing loops. A file that runs out of time keeps
+the signer facts already read. Every cache is bounded: the chain cache (an LRU of small
+immutable outcomes), the certificate identity memo (entries and bytes) and signify's
+signer-info memo (released with each file).
 """
 
 from __future__ import annotations
