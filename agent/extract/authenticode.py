@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,9 +30,13 @@ from typing import Any, BinaryIO
 # Importing this module runs agent/extract/__init__.py first, which installs the oscrypto
 # fix; only then are the signify imports below executed.
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
-from signify.authenticode.signed_file.msi import SignedMsiFile
+from signify.authenticode.signed_file.msi import (
+    DIGITAL_SIGNATURE_ENTRY_NAME,
+    EXTENDED_DIGITAL_SIGNATURE_ENTRY_NAME,
+    SignedMsiFile,
+)
 from signify.authenticode.signed_file.pe import SignedPEFile
-from signify.exceptions import CertificateVerificationError, SignedPEParseError, SignifyError
+from signify.exceptions import CertificateVerificationError, SignedMsiParseError, SignedPEParseError, SignifyError
 from signify.x509 import Certificate, CertificateStore, VerificationContext
 from signify.x509.context import CombinedCertificateStore
 
@@ -381,6 +386,58 @@ class _CheckedPEFile(SignedPEFile):
             raise SignedPEParseError(self._entries_error)
 
 
+MSI_MAX_STORAGE_DEPTH = 32  # real installers nest storages 1-3 deep
+
+
+class _CheckedMsiFile(SignedMsiFile):
+    """signify's SignedMsiFile with its two recursive walks of the storage tree (the hash and
+    the pre-hash) bounded: the deadline is checked per entry (streams in the mini stream are
+    read from memory, so the stream's own check never runs), and a storage that is its own
+    ancestor or nests deeper than MSI_MAX_STORAGE_DEPTH is a parse error. Without this a
+    mutated directory made the walk exponential. The hashing itself is signify's, unchanged."""
+
+    def __init__(self, stream: BinaryIO, deadline: _Deadline) -> None:
+        super().__init__(stream)
+        self._deadline = deadline
+
+    def _kids(self, dir_entry: Any, ancestors: tuple[int, ...]) -> list[Any]:
+        self._deadline.tick()
+        if len(ancestors) > MSI_MAX_STORAGE_DEPTH:
+            raise SignedMsiParseError(f"OLE storages nested deeper than {MSI_MAX_STORAGE_DEPTH}")
+        if dir_entry.sid in ancestors:
+            raise SignedMsiParseError(f"OLE storage tree has a loop at entry {dir_entry.sid}")
+        entries = list(dir_entry.kids)
+        entries.sort(key=lambda e: e.name_utf16)
+        return [
+            e for e in entries if e.name not in (DIGITAL_SIGNATURE_ENTRY_NAME, EXTENDED_DIGITAL_SIGNATURE_ENTRY_NAME)
+        ]
+
+    def _hash_storage_entry(  # type: ignore[override]
+        self, dir_entry: Any, hasher: Any, *, dir_entry_path: list[str] | None = None, ancestors: tuple[int, ...] = ()
+    ) -> None:
+        dir_entry_path = dir_entry_path or []
+        for entry in self._kids(dir_entry, ancestors):
+            if entry.kids:
+                self._hash_storage_entry(
+                    entry, hasher, dir_entry_path=[*dir_entry_path, entry.name], ancestors=(*ancestors, dir_entry.sid)
+                )
+            else:
+                self._deadline.tick()
+                with entry.olefile.openstream([*dir_entry_path, entry.name]) as fh:
+                    hasher.update(fh.read())
+        hasher.update(uuid.UUID(dir_entry.clsid).bytes_le)
+
+    def _prehash_storage_entry(  # type: ignore[override]
+        self, dir_entry: Any, hasher: Any, ancestors: tuple[int, ...] = ()
+    ) -> None:
+        self._prehash_entry(dir_entry, hasher)
+        for entry in self._kids(dir_entry, ancestors):
+            if entry.kids:
+                self._prehash_storage_entry(entry, hasher, (*ancestors, dir_entry.sid))
+            else:
+                self._prehash_entry(entry, hasher)
+
+
 def _open_signed(stream: BinaryIO, size: int, header: bytes, caps: Caps, deadline: _Deadline) -> tuple[str, Any, str]:
     """(kind, signify file object or None, detail). Raises sniff.MalformedPE / ValueError /
     CapExceeded."""
@@ -406,7 +463,7 @@ def _open_signed(stream: BinaryIO, size: int, header: bytes, caps: Caps, deadlin
         if not sniff.is_msi(stream):
             return "", None, "OLE compound file that is not an installer package"
         stream.seek(0)
-        msi = SignedMsiFile(stream)
+        msi = _CheckedMsiFile(stream, deadline)
         ole = msi._ole_file
         if not ole.exists("\x05DigitalSignature"):
             return "MSI", None, "no DigitalSignature stream"

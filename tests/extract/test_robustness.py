@@ -257,3 +257,23 @@ def test_a_certificate_whose_outer_algorithm_differs_from_the_tbs_is_not_trusted
     assert sig.is_trusted is False
     assert sig.verification_status == MALFORMED_CERTIFICATE
     assert "RFC 5280 4.1.1.2" in sig.verification_error and "signatureAlgorithm" in sig.verification_error
+
+
+def test_an_msi_whose_storage_tree_loops_ends_fast_as_a_parse_error(verifier):
+    """Found by make fuzz: directory entries whose child is the root entry. signify's recursive
+    hash of the storage tree ran to RecursionError (seconds past the budget) or, with more such
+    entries, hung; streams in the mini stream are read from memory, so no read checked the time."""
+    import struct
+
+    data = bytearray(_fixture("signed.msi"))
+    sector_shift = struct.unpack_from("<H", data, 0x1E)[0]
+    directory = (struct.unpack_from("<I", data, 0x30)[0] + 1) << sector_shift
+    for sid in (1, 2):  # two stream entries now hold the root storage as their child
+        struct.pack_into("<I", data, directory + sid * 128 + 0x4C, 0)
+    start = time.monotonic()
+    facts = extract_stream(io.BytesIO(bytes(data)), len(data), verifier=verifier, time_budget=2)
+    assert time.monotonic() - start < 1.5
+    assert (facts.status, facts.detail) == (
+        "PARSE_ERROR",
+        "SignedMsiParseError: OLE storage tree has a loop at entry 0",
+    )
