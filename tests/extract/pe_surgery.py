@@ -55,7 +55,7 @@ def der_tlv(tag: int, content: bytes) -> bytes:
     return bytes([tag, 0x80 | len(size)]) + size + content
 
 
-def with_extra_certificates(pkcs7: bytes, copies: int) -> bytes:
+def with_extra_certificates(pkcs7: bytes, copies: int, *, indefinite: bool = False) -> bytes:
     """The same signature with its certificates repeated ``copies`` more times: valid, huge.
     Built from the raw DER (asn1crypto would re-encode every copy: seconds per megabyte)."""
     info = cms.ContentInfo.load(pkcs7)
@@ -63,7 +63,9 @@ def with_extra_certificates(pkcs7: bytes, copies: int) -> bytes:
     parts = []
     for name in ("version", "digest_algorithms", "encap_content_info", "certificates", "signer_infos"):
         value = signed[name]
-        if name == "certificates":
+        if name == "certificates" and indefinite:  # BER: no length, end-of-contents octets
+            parts.append(b"\xa0\x80" + value.contents * (copies + 1) + b"\0\0")
+        elif name == "certificates":
             parts.append(der_tlv(0xA0, value.contents * (copies + 1)))
         else:
             parts.append(value.dump())

@@ -159,6 +159,13 @@ def test_too_many_certificates_is_a_parse_error_and_the_cap_is_a_keyword(verifie
     assert facts.signatures[0].is_trusted
 
 
+def test_indefinite_length_encoding_does_not_hide_certificates_from_the_count():
+    pkcs7 = with_extra_certificates(first_pkcs7(_fixture("pulseway.exe")), 300, indefinite=True)
+    data = with_table(_fixture("pulseway.exe"), win_certificate(pkcs7))
+    facts = extract_stream(io.BytesIO(data), len(data))
+    assert (facts.status, facts.detail) == ("PARSE_ERROR", "certificate table holds more than 500 certificates (cap)")
+
+
 def test_too_many_signatures_is_a_parse_error(verifier):
     data = _fixture("pulseway.exe")
     entry = win_certificate(first_pkcs7(data))
@@ -201,24 +208,6 @@ def test_hashing_a_huge_sparse_file_stops_at_the_budget_and_keeps_the_signer(tmp
     assert sig.digest_valid is None and sig.is_trusted is None
     assert sig.verification_status == "TIMEOUT" and "time budget" in sig.verification_error
     assert facts.sha256 == ""  # never claims a hash it did not finish
-
-
-def test_the_scanner_keeps_the_timed_out_facts(tmp_path, verifier):
-    from agent.scanner import examine_path
-
-    path = tmp_path / "sparse.exe"
-    path.write_bytes(_fixture("dwservice.exe"))
-    os.truncate(path, 8 * 1024**3)
-    st = path.stat()
-    status, facts, detail, _ident = examine_path(
-        str(path),
-        (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
-        verifier=verifier,
-        max_file_size=1 << 40,
-        time_budget=0.3,
-    )
-    assert status == "TIMEOUT" and "hashing" in detail
-    assert facts is not None and facts.signatures[0].signer.display_name
 
 
 def test_an_ample_budget_changes_nothing(verifier):
