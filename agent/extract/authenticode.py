@@ -56,6 +56,12 @@ TIMEOUT = "TIMEOUT"  # verification status of a signature whose file ran out of 
 MALFORMED_CERTIFICATE = "MALFORMED_CERTIFICATE"  # a chain certificate breaks RFC 5280 4.1.1.2
 
 CHAIN_CACHE_ENTRIES = 512  # distinct (certificate, offered chain, usage, moment class) outcomes
+MAX_ERROR_TEXT = 2000  # characters of a verification error kept (names in it are attacker-chosen)
+
+
+def _error_text(exc: BaseException | None) -> str:
+    text = str(exc) if exc is not None else ""
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "..."
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,7 @@ class _CachedChainContext(VerificationContext):
         try:
             chain = super().verify(certificate)
         except Exception as exc:
-            verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), str(exc)))
+            verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
             raise
         verifier.remember(key, _ChainOutcome(tuple(c.sha1_fingerprint for c in chain)), chain, offered)
         return chain
@@ -304,7 +310,7 @@ class TrustVerifier:
         # signify's own mapping of exceptions to result names
         result, exc = AuthenticodeVerificationResult.call(run)
         if result is not AuthenticodeVerificationResult.OK:
-            return result.name, str(exc) if exc else "", []
+            return result.name, _error_text(exc), []
         chain = chains[0] if chains else []
         problem = explain_malformed_chain(chain, self.store)
         if problem:
