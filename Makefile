@@ -10,7 +10,7 @@ DEB_STAMP := $(VENV)/.debs
 DEB_PACKAGES := openssl osslsigncode wixl
 SCAN_ARGS ?=
 
-.PHONY: install debs scan test lint fixtures bench catalog-report clean
+.PHONY: install debs scan test lint fixtures bench fuzz catalog-report clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ fixtures: install debs
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# Mutation fuzzing of the extractor (not part of make test; a seeded 2,000-case subset is).
+N ?= 100000
+fuzz: install
+	$(BIN)/python tests/fuzz/harness.py --cases $(N)
 
 catalog-report: install
 	$(BIN)/python -m agent.catalog_report
