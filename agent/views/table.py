@@ -1,0 +1,223 @@
+"""Terminal rendering of the shared records with rich: the findings table, the end summary and
+plain record tables. Colour only on a terminal (rich honours NO_COLOR); untrusted text goes
+through ``agent.textenc.display`` and paths through ``escape_path`` before they are shown."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from agent.textenc import display, escape_path
+from agent.views.records import BROKEN, NOT_VERIFIED, TRUSTED, UNTRUSTED, Finding, Tally
+
+ELLIPSIS = "…"
+UNBOUNDED_WIDTH = 100_000  # not a terminal: never fit, never shorten
+VERDICT_STYLE = {TRUSTED: "green", BROKEN: "bold red", UNTRUSTED: "yellow", NOT_VERIFIED: "dim"}
+MIN_PATH = 16
+MIN_SIGNER = 12
+MIN_TOOL = 8
+FIRST_PROBLEMS = 10
+
+
+def make_console(stream: TextIO, *, width: int | None = None) -> Console:
+    """A console on ``stream``: the terminal's width and colour on a TTY; otherwise $COLUMNS if set,
+    else no width limit (a file gets whole lines), and no colour."""
+    tty = stream.isatty()
+    if width is None and not tty:
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else UNBOUNDED_WIDTH
+    return Console(
+        file=stream,
+        width=width,
+        force_terminal=tty,
+        no_color=not tty or None,
+        highlight=False,
+        markup=False,
+        emoji=False,
+        soft_wrap=False,
+    )
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` in at most ``width`` cells, cut in its middle so both ends (the root and the file
+    name) stay readable."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    keep = width - 1
+    tail = (keep + 1) // 2
+    head = keep - tail
+    return text[:head] + ELLIPSIS + text[len(text) - tail :]
+
+
+def _when(value: Any, *, with_time: bool) -> str:
+    if not isinstance(value, dt.datetime):
+        return "-"
+    value = value.astimezone(dt.UTC)
+    return value.strftime("%Y-%m-%d %H:%M") if with_time else value.strftime("%Y-%m-%d")
+
+
+def _fit(natural: dict[str, int], width: int, shrinkable: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Column widths that fit ``width`` (one cell between columns): shrink the given columns in
+    order down to their minimum; the path column (always last in ``shrinkable``) takes the rest."""
+    widths = dict(natural)
+    over = sum(widths.values()) + len(widths) - 1 - width
+    for name, minimum in shrinkable:
+        if over <= 0:
+            break
+        if name not in widths:
+            continue
+        cut = min(over, max(0, widths[name] - minimum))
+        widths[name] -= cut
+        over -= cut
+    return widths
+
+
+def findings_table(findings: Sequence[Finding], width: int) -> tuple[Table, list[Any]]:
+    """The default view: one line per file and tool. Returns the table and the rules it numbers
+    (for the legend under it)."""
+    legend: dict[str, tuple[int, Any]] = {}
+    for f in findings:
+        for rule in f.rules:
+            if rule.id not in legend:
+                legend[rule.id] = (len(legend) + 1, rule)
+    wide = width >= 140
+    devices = {f.device_id for f in findings}
+    show_gone = any(f.gone_at for f in findings)
+    rows = []
+    for f in findings:
+        row = {
+            "Tool": display(f.tool),
+            "ATT&CK": ",".join(f.techniques) or "-",
+            "Signer": display(f.signer) or "-",
+            "Trust": f.verdict,
+            "Signed": _when(f.signing_time, with_time=wide),
+            "Rules": ",".join(str(legend[r.id][0]) for r in f.rules),
+            "Path": escape_path(f.path),
+        }
+        if len(devices) > 1:
+            row = {"Device": display(f.device_name), **row}
+        if show_gone:
+            row["Gone"] = _when(f.gone_at, with_time=wide) if f.gone_at else "-"
+        rows.append(row)
+    columns = list(rows[0]) if rows else ["Tool", "ATT&CK", "Signer", "Trust", "Signed", "Rules", "Path"]
+    if "Gone" in columns:  # keep Path last: it is the column that gives way
+        columns.remove("Gone")
+        columns.insert(columns.index("Path"), "Gone")
+    natural = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    widths = _fit(
+        natural,
+        width,
+        [("Signer", MIN_SIGNER), ("Tool", MIN_TOOL), ("Device", MIN_TOOL), ("Path", MIN_PATH)],
+    )
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        collapse_padding=True,
+        header_style="bold",
+    )
+    for c in columns:
+        table.add_column(
+            c,
+            width=widths[c],
+            no_wrap=c == "Path",
+            overflow="ignore" if c == "Path" else "fold",
+        )
+    for f, row in zip(findings, rows, strict=True):
+        cells = []
+        for c in columns:
+            value = row[c]
+            if c == "Path":
+                cells.append(Text(shorten_middle(value, widths[c])))
+            elif c == "Trust":
+                cells.append(Text(value, style=VERDICT_STYLE.get(f.verdict, "")))
+            elif c == "Tool":
+                cells.append(Text(value, style="bold"))
+            else:
+                cells.append(Text(value))
+        table.add_row(*cells)
+    return table, [rule for _n, rule in sorted(legend.values(), key=lambda nr: nr[0])]
+
+
+def print_findings(findings: Sequence[Finding], console: Console, *, empty: str = "no RMM tool found") -> None:
+    if not findings:
+        console.print(Text(f"({empty})"))
+        return
+    table, rules = findings_table(findings, console.width)
+    console.print(table)
+    for n, rule in enumerate(rules, start=1):
+        console.print(Text(f"{n:>2} {display(rule.name)} ({rule.source}, {rule.id})"), overflow="fold")
+
+
+def print_records(
+    records: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    console: Console,
+    *,
+    empty: str = "(none)",
+) -> None:
+    """A plain table of records. Long values wrap (fold) in their column; nothing is truncated."""
+    if not records:
+        console.print(Text(empty))
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for rec in records:
+        table.add_row(*(Text(_cell(rec.get(c))) for c in columns))
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ", ".join(_cell(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value))
+    return display(str(value))
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{display(k)} {v}" for k, v in counts.items() if v) or "none"
+
+
+def scan_summary_lines(
+    summary: Mapping[str, Any], tally: Tally, errors: Sequence[Mapping[str, Any]], *, first: int = FIRST_PROBLEMS
+) -> list[str]:
+    """The end summary of a scan (stderr): files and speed, findings by tool and by trust verdict,
+    files by status, then the files that could not be read, the first ``first`` by name."""
+    lines = [
+        f"scanned {summary['files']} files ({summary['pe_files']} PE, {summary['msi_files']} MSI, "
+        f"{summary['signed_files']} signed) in {summary['elapsed_seconds']:.2f} s, "
+        f"{summary['files_per_second']:.0f} files/s; parsed {summary['parsed']}, unchanged {summary['unchanged']}",
+        f"found {summary['findings']} file(s) with an RMM signer: {_counts(tally.by_tool)}",
+    ]
+    if tally.by_verdict:
+        lines.append(f"trust: {_counts(tally.by_verdict)}")
+    lines.append(f"status: {_counts(summary['statuses'])}")
+    if summary.get("gone"):
+        lines.append(f"gone since the last scan: {summary['gone']} file(s)")
+    if errors:
+        total = max(int(summary.get("errors_total", len(errors))), len(errors))
+        lines.append(f"not read or not parsed: {total}")
+        for err in errors[:first]:
+            detail = f" ({display(str(err['Detail']))})" if err.get("Detail") else ""
+            lines.append(f"  {err['Status']:<15} {err['Path']}{detail}")
+        if total > first:
+            lines.append(f"  ... and {total - first} more (all of them: --format json, or --log-file)")
+    if summary.get("incomplete"):
+        lines.append("INCOMPLETE: " + "; ".join(summary.get("incomplete_reasons", ())))
+    return lines
