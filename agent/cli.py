@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from io import StringIO
 from typing import Any, TextIO
 
+from rich.text import Text
+
 from agent import __version__
 from agent.output import (
     FORMATS,
@@ -373,7 +375,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from agent.extract.authenticode import TrustVerifier, load_roots
     from agent.scanner import Matcher, Scanner
     from agent.views.records import error_record, findings_of, incomplete_reasons, tally
-    from agent.views.table import scan_summary_lines
+    from agent.views.table import make_console, scan_summary_lines
 
     fmt = format_for(args.out, args.format)
     check_out(args.out)  # before any work: a typo must not cost a scan
@@ -395,9 +397,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     progress = None
     if not args.quiet and not args.no_progress and sys.stderr.isatty():
         from agent.views.progress import ScanProgress, estimate_file_count
-        from agent.views.table import make_console
 
-        progress = ScanProgress(make_console(sys.stderr), estimate_file_count(roots, skip, mounts))
+        total = estimate_file_count(roots, skip, mounts)
+        progress = ScanProgress(make_console(sys.stderr), total)
+        if total is None:
+            progress.count_in_background(roots, skip)
     with _open_store(settings) as store:
         scanner = Scanner(
             store,
@@ -450,7 +454,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         table=_draw_results(findings, records, flat, args.view),
     )
     if not args.quiet:
-        sys.stderr.write("\n".join(scan_summary_lines(summary, counts, errors)) + "\n")
+        err_console = make_console(sys.stderr)
+        for line in scan_summary_lines(summary, counts, errors, width=err_console.width):
+            err_console.print(Text(line))
     if results:
         return EXIT_FINDINGS
     if reasons and args.strict:

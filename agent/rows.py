@@ -82,4 +82,3 @@ def build_rows(
         }
         rows.append(row)
     return rows
-

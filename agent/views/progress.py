@@ -8,6 +8,7 @@ It disappears when the scan ends. The caller only creates it when stderr is a TT
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -72,6 +73,45 @@ def estimate_file_count(roots: Iterable[str], skip_dirs: Iterable[str] = (), mou
     return total
 
 
+def count_files(roots: Iterable[str], skip_dirs: Iterable[str], stop: threading.Event) -> int | None:
+    """The number of non-directory entries under ``roots`` (directory symlinks not followed, other
+    filesystems not entered, ``skip_dirs`` skipped): readdir only, one stat per directory.
+    None when ``stop`` is set before the count is done."""
+    skip = {os.path.normpath(s) for s in skip_dirs}
+    total = 0
+    for root in roots:
+        if not os.path.isdir(root) or os.path.islink(root):
+            total += 1
+            continue
+        try:
+            device = os.stat(root).st_dev
+        except OSError:
+            continue
+        stack = [root]
+        while stack:
+            if stop.is_set():
+                return None
+            directory = stack.pop()
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            is_dir = False
+                        if not is_dir:
+                            total += 1
+                        elif entry.path not in skip:
+                            try:
+                                if entry.stat(follow_symlinks=False).st_dev == device:
+                                    stack.append(entry.path)
+                            except OSError:
+                                pass
+            except OSError:
+                continue
+    return total
+
+
 class _MiddlePath:
     """A path that shortens itself in its middle to the width it is given."""
 
@@ -129,6 +169,20 @@ class ScanProgress:
         self.total = total
         self.last = 0.0
         self.started = False
+        self._stop = threading.Event()
+        self._counter: threading.Thread | None = None
+        self._counted: int | None = None
+
+    def count_in_background(self, roots: Iterable[str], skip_dirs: Iterable[str]) -> None:
+        """No cheap estimate: count the files beside the scan (a readdir walk, far cheaper than the
+        scan's opens and reads); the bar counts only until the total is known."""
+        roots, skip_dirs = list(roots), list(skip_dirs)
+
+        def run() -> None:
+            self._counted = count_files(roots, skip_dirs, self._stop)
+
+        self._counter = threading.Thread(target=run, name="rmmhunt-count", daemon=True)
+        self._counter.start()
 
     def __call__(self, stats: Any, path: str) -> None:
         now = time.monotonic()
@@ -139,6 +193,9 @@ class ScanProgress:
             self.progress.start()
             self.started = True
         done = stats.files
+        if self.total is None and self._counted is not None:
+            self.total = self._counted
+            self.progress.update(self.task, total=self.total)
         if self.total is not None and done > self.total:  # the estimate was low
             self.total = done
             self.progress.update(self.task, total=done)
@@ -148,6 +205,9 @@ class ScanProgress:
 
     def close(self) -> None:
         """Remove the line (transient): nothing is left on screen."""
+        self._stop.set()
+        if self._counter is not None:
+            self._counter.join(timeout=5)
         if self.started:
             self.progress.stop()
             self.started = False

@@ -69,7 +69,7 @@ def _fit(natural: dict[str, int], width: int, shrinkable: Sequence[tuple[str, in
     """Column widths that fit ``width`` (one cell between columns): shrink the given columns in
     order down to their minimum; the path column (always last in ``shrinkable``) takes the rest."""
     widths = dict(natural)
-    over = sum(widths.values()) + len(widths) - 1 - width
+    over = sum(widths.values()) + len(widths) - 1 - width  # one space between columns
     for name, minimum in shrinkable:
         if over <= 0:
             break
@@ -81,59 +81,79 @@ def _fit(natural: dict[str, int], width: int, shrinkable: Sequence[tuple[str, in
     return widths
 
 
-def findings_table(findings: Sequence[Finding], width: int) -> tuple[Table, list[Any]]:
-    """The default view: one line per file and tool. Returns the table and the rules it numbers
-    (for the legend under it)."""
+MIN_PATH_ONE_LINE = 40  # below this the tool moves to a line of its own above its files
+
+
+def _rule_numbers(findings: Sequence[Finding]) -> dict[str, tuple[int, Any]]:
     legend: dict[str, tuple[int, Any]] = {}
     for f in findings:
         for rule in f.rules:
             if rule.id not in legend:
                 legend[rule.id] = (len(legend) + 1, rule)
-    wide = width >= 140
+    return legend
+
+
+def _new_table() -> Table:
+    # SIMPLE_HEAD draws one space between columns and a rule under the header; no edges.
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0, header_style="bold")
+
+
+def findings_table(findings: Sequence[Finding], width: int) -> tuple[list[Table], list[Any]]:
+    """The default view, fitted to ``width``: one line per file and tool with the tool, its
+    ATT&CK technique, Signer, trust verdict, signing time, the rules that fired (numbers into
+    the legend) and the path, shortened in its middle. When that leaves the path too little
+    room (an 80-column terminal), the tool and technique become a title above their files'
+    lines. Returns the tables (one, or one per tool) and the numbered rules for the legend."""
+    legend = _rule_numbers(findings)
+    wide = width >= 150
     devices = {f.device_id for f in findings}
     show_gone = any(f.gone_at for f in findings)
     rows = []
     for f in findings:
-        row = {
-            "Tool": display(f.tool),
-            "ATT&CK": ",".join(f.techniques) or "-",
-            "Signer": display(f.signer) or "-",
-            "Trust": f.verdict,
-            "Signed": _when(f.signing_time, with_time=wide),
-            "Rules": ",".join(str(legend[r.id][0]) for r in f.rules),
-            "Path": escape_path(f.path),
-        }
+        row = {}
         if len(devices) > 1:
-            row = {"Device": display(f.device_name), **row}
+            row["Device"] = display(f.device_name)
+        row.update(
+            {
+                "Tool": display(f.tool),
+                "ATT&CK": ",".join(f.techniques) or "-",
+                "Signer": display(f.signer) or "-",
+                "Trust": f.verdict,
+                "Signed": _when(f.signing_time, with_time=wide),
+            }
+        )
         if show_gone:
             row["Gone"] = _when(f.gone_at, with_time=wide) if f.gone_at else "-"
+        row["Rules"] = ",".join(str(legend[r.id][0]) for r in f.rules)
+        row["Path"] = escape_path(f.path)
         rows.append(row)
-    columns = list(rows[0]) if rows else ["Tool", "ATT&CK", "Signer", "Trust", "Signed", "Rules", "Path"]
-    if "Gone" in columns:  # keep Path last: it is the column that gives way
-        columns.remove("Gone")
-        columns.insert(columns.index("Path"), "Gone")
+    columns = list(rows[0])
     natural = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
     widths = _fit(
-        natural,
-        width,
-        [("Signer", MIN_SIGNER), ("Tool", MIN_TOOL), ("Device", MIN_TOOL), ("Path", MIN_PATH)],
+        natural, width, [("Signer", MIN_SIGNER), ("Tool", MIN_TOOL), ("Device", MIN_TOOL), ("Path", MIN_PATH)]
     )
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
-        collapse_padding=True,
-        header_style="bold",
-    )
-    for c in columns:
-        table.add_column(
-            c,
-            width=widths[c],
-            no_wrap=c == "Path",
-            overflow="ignore" if c == "Path" else "fold",
+    grouped = widths["Path"] < min(natural["Path"], MIN_PATH_ONE_LINE)
+    if grouped:
+        columns = [c for c in columns if c not in ("Tool", "ATT&CK")]
+        widths = _fit(
+            {c: natural[c] for c in columns},
+            width,
+            [("Path", 30), ("Signer", 18), ("Device", MIN_TOOL), ("Path", MIN_PATH), ("Signer", MIN_SIGNER)],
         )
+    tables: list[Table] = []
+    heading: tuple[str, tuple[str, ...]] | None = None
+    table = None
     for f, row in zip(findings, rows, strict=True):
+        if table is None or (grouped and (f.tool, f.techniques) != heading):
+            heading = (f.tool, f.techniques)
+            table = _new_table()
+            table.show_header = not tables
+            if grouped:
+                table.title = Text(f"{row['Tool']}  {row['ATT&CK']}", style="bold")
+                table.title_justify = "left"
+            for c in columns:
+                table.add_column(c, width=widths[c], no_wrap=c == "Path", overflow="ignore" if c == "Path" else "fold")
+            tables.append(table)
         cells = []
         for c in columns:
             value = row[c]
@@ -146,17 +166,23 @@ def findings_table(findings: Sequence[Finding], width: int) -> tuple[Table, list
             else:
                 cells.append(Text(value))
         table.add_row(*cells)
-    return table, [rule for _n, rule in sorted(legend.values(), key=lambda nr: nr[0])]
+    return tables, [rule for _n, rule in sorted(legend.values(), key=lambda nr: nr[0])]
 
 
 def print_findings(findings: Sequence[Finding], console: Console, *, empty: str = "no RMM tool found") -> None:
     if not findings:
         console.print(Text(f"({empty})"))
         return
-    table, rules = findings_table(findings, console.width)
-    console.print(table)
+    tables, rules = findings_table(findings, console.width)
+    for table in tables:
+        console.print(table)
+    legend = _new_table()
+    legend.title, legend.title_justify = Text("Rules that fired"), "left"
+    for c in ("#", "RuleId", "Source", "Tool"):
+        legend.add_column(c, overflow="fold", justify="right" if c == "#" else "left")
     for n, rule in enumerate(rules, start=1):
-        console.print(Text(f"{n:>2} {display(rule.name)} ({rule.source}, {rule.id})"), overflow="fold")
+        legend.add_row(Text(str(n)), Text(rule.id), Text(rule.source), Text(display(rule.tool)))
+    console.print(legend)
 
 
 def print_records(
@@ -190,15 +216,25 @@ def _cell(value: Any) -> str:
     return display(str(value))
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + ELLIPSIS
+
+
 def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{display(k)} {v}" for k, v in counts.items() if v) or "none"
 
 
 def scan_summary_lines(
-    summary: Mapping[str, Any], tally: Tally, errors: Sequence[Mapping[str, Any]], *, first: int = FIRST_PROBLEMS
+    summary: Mapping[str, Any],
+    tally: Tally,
+    errors: Sequence[Mapping[str, Any]],
+    *,
+    width: int = UNBOUNDED_WIDTH,
+    first: int = FIRST_PROBLEMS,
 ) -> list[str]:
     """The end summary of a scan (stderr): files and speed, findings by tool and by trust verdict,
-    files by status, then the files that could not be read, the first ``first`` by name."""
+    files by status, then the files that could not be read and why, the first ``first`` by name
+    (a path shortened in its middle to ``width``, its reason on the next line)."""
     lines = [
         f"scanned {summary['files']} files ({summary['pe_files']} PE, {summary['msi_files']} MSI, "
         f"{summary['signed_files']} signed) in {summary['elapsed_seconds']:.2f} s, "
@@ -214,8 +250,10 @@ def scan_summary_lines(
         total = max(int(summary.get("errors_total", len(errors))), len(errors))
         lines.append(f"not read or not parsed: {total}")
         for err in errors[:first]:
-            detail = f" ({display(str(err['Detail']))})" if err.get("Detail") else ""
-            lines.append(f"  {err['Status']:<15} {err['Path']}{detail}")
+            status = str(err["Status"])
+            lines.append(f"  {status:<13} {shorten_middle(str(err['Path']), max(MIN_PATH, width - 16))}")
+            if err.get("Detail"):
+                lines.append(f"      {_clip(display(str(err['Detail'])), max(MIN_PATH, min(width, 120) - 6))}")
         if total > first:
             lines.append(f"  ... and {total - first} more (all of them: --format json, or --log-file)")
     if summary.get("incomplete"):
