@@ -301,7 +301,7 @@ def _draw_results(
     findings: Sequence[Any], records: Sequence[Mapping[str, Any]], flat: Any, view: str
 ) -> Callable[[Any], None]:
     from agent.views.records import SUMMARY_VIEW_COLUMNS, trust_verdict
-    from agent.views.table import print_findings, print_records
+    from agent.views.table import print_findings, print_records, print_row_records
 
     def draw(console: Any) -> None:
         if view == "summary":
@@ -311,7 +311,7 @@ def _draw_results(
         if flat:
             console.print()
             shown = [{**r, "Trust": trust_verdict(r)} for r in flat]
-            print_records(shown, ("Tool", "ReportId", "Timestamp", "Signer", "Trust", "SHA256", "FolderPath"), console)
+            print_row_records(shown, ("Tool", "ReportId", "Timestamp", "Signer", "Trust"), console)
 
     return draw
 
@@ -518,7 +518,7 @@ def cmd_hunt(args: argparse.Namespace) -> int:
 
 def cmd_rows(args: argparse.Namespace) -> int:
     from agent.views.records import ROW_KEYS, row_record, trust_verdict
-    from agent.views.table import print_records
+    from agent.views.table import print_row_records
 
     fmt = format_for(args.out, args.format)
     check_out(args.out)
@@ -529,7 +529,7 @@ def cmd_rows(args: argparse.Namespace) -> int:
 
     def draw(console: Any) -> None:
         shown = [{**r, "Trust": trust_verdict(raw)} for r, raw in zip(records, rows, strict=True)]
-        print_records(shown, ("ReportId", "Timestamp", "Signer", "Trust", "SHA256", "FolderPath"), console)
+        print_row_records(shown, ("ReportId", "Timestamp", "Signer", "Trust"), console)
 
     summary = {"rows": len(records), "devices": len({r["DeviceId"] for r in rows}), "excluded_only": args.excluded}
     _emit(fmt, args.out, summary=summary, results=records, errors=[], keys=ROW_KEYS, table=draw)

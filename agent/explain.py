@@ -113,6 +113,10 @@ class Explanation:
                     "index": row["SignatureIndex"],
                     "signer": row["Signer"],
                     "trust": trust_verdict(row),
+                    "verification_status": row["VerificationStatus"],
+                    "verification_error": next(
+                        (s.verification_error for s in f.signatures if s.index == row["SignatureIndex"]), ""
+                    ),
                     "chain": [link.__dict__ for link in self.chains[row["SignatureIndex"]].links]
                     if row["SignatureIndex"] in self.chains
                     else [],
@@ -176,7 +180,7 @@ class Explanation:
             f"  Trust     {VERDICT_WORDS[verdict]}",
         ]
         if sig is not None and sig.verification_status not in ("OK", "NOT_VERIFIED"):
-            error = f": {display(sig.verification_error)}" if sig.verification_error else ""
+            error = f": {_clip(display(sig.verification_error), 240)}" if sig.verification_error else ""
             out.append(f"            signify: {sig.verification_status}{error}")
         if verdict != TRUSTED:
             out.append(
@@ -195,6 +199,10 @@ class Explanation:
         return out
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _why_not(rule: Any, row: dict[str, Any]) -> str:
     patterns = getattr(rule.query, "string_patterns", ())
     if not patterns:
@@ -208,7 +216,7 @@ def _why_not(rule: Any, row: dict[str, Any]) -> str:
 def _link(cert: Any) -> ChainLink:
     from agent.extract.certinfo import parse_certificate
 
-    ident = parse_certificate(cert.to_der())
+    ident = parse_certificate(cert.to_der)
     return ChainLink(ident.display_name, ident.issuer_display_name, ident.not_before, ident.not_after, ident.sha1)
 
 

@@ -58,6 +58,18 @@ def shorten_middle(text: str, width: int) -> str:
     return text[:head] + ELLIPSIS + text[len(text) - tail :]
 
 
+def shorten_path(path: str, width: int) -> str:
+    """A path in at most ``width`` cells, cut in its middle: the file name is kept whole when it
+    leaves room for the start of the path, so the end is never the part that is lost."""
+    if len(path) <= width:
+        return path
+    cut = max(path.rfind("/"), path.rfind("\\"))
+    tail = path[cut:] if cut > 0 else ""
+    if tail and len(tail) <= width - 5:
+        return path[: width - 1 - len(tail)] + ELLIPSIS + tail
+    return shorten_middle(path, width)
+
+
 def _when(value: Any, *, with_time: bool) -> str:
     if not isinstance(value, dt.datetime):
         return "-"
@@ -158,7 +170,7 @@ def findings_table(findings: Sequence[Finding], width: int) -> tuple[list[Table]
         for c in columns:
             value = row[c]
             if c == "Path":
-                cells.append(Text(shorten_middle(value, widths[c])))
+                cells.append(Text(shorten_path(value, widths[c])))
             elif c == "Trust":
                 cells.append(Text(value, style=VERDICT_STYLE.get(f.verdict, "")))
             elif c == "Tool":
@@ -202,6 +214,27 @@ def print_records(
     for rec in records:
         table.add_row(*(Text(_cell(rec.get(c))) for c in columns))
     console.print(table)
+
+
+def print_row_records(records: Sequence[Mapping[str, Any]], lead: Sequence[str], console: Console) -> None:
+    """Certificate rows for people: ``lead`` columns, then SHA256 and FolderPath. On one line each
+    when that fits; otherwise a block per row with the hash whole on a line of its own and the
+    path shortened in its middle, so a hash can always be copied."""
+    if not records:
+        console.print(Text("(none)"))
+        return
+    columns = [*lead, "SHA256", "FolderPath"]
+    cells = [{c: _cell(rec.get(c)) for c in columns} for rec in records]
+    natural = sum(max([len(c)] + [len(r[c]) for r in cells]) for c in columns) + len(columns) - 1
+    if natural <= console.width:
+        print_records(records, columns, console)
+        return
+    for n, row in enumerate(cells):
+        if n:
+            console.print()
+        console.print(Text("  ".join(f"{c} {row[c]}" for c in lead)), overflow="fold")
+        console.print(Text(f"  SHA256 {row['SHA256']}"), overflow="fold")
+        console.print(Text(f"  Path   {shorten_path(row['FolderPath'], max(MIN_PATH, console.width - 9))}"))
 
 
 def _cell(value: Any) -> str:
@@ -251,7 +284,7 @@ def scan_summary_lines(
         lines.append(f"not read or not parsed: {total}")
         for err in errors[:first]:
             status = str(err["Status"])
-            lines.append(f"  {status:<13} {shorten_middle(str(err['Path']), max(MIN_PATH, width - 16))}")
+            lines.append(f"  {status:<13} {shorten_path(str(err['Path']), max(MIN_PATH, width - 16))}")
             if err.get("Detail"):
                 lines.append(f"      {_clip(display(str(err['Detail'])), max(MIN_PATH, min(width, 120) - 6))}")
         if total > first:
