@@ -298,8 +298,10 @@ def _results_output(
 
 
 def _draw_results(
-    findings: Sequence[Any], records: Sequence[Mapping[str, Any]], flat: Any, view: str
+    findings: Sequence[Any], records: Sequence[Mapping[str, Any]], drill: Sequence[Any] | None, view: str
 ) -> Callable[[Any], None]:
+    """The table: the findings (or the published columns with --view summary), then with --rows the
+    rows behind each result. Drawn from the raw rows: the table escapes each value once itself."""
     from agent.views.records import SUMMARY_VIEW_COLUMNS, trust_verdict
     from agent.views.table import print_findings, print_records, print_row_records
 
@@ -308,9 +310,9 @@ def _draw_results(
             print_records(records, SUMMARY_VIEW_COLUMNS, console)
         else:
             print_findings(findings, console)
-        if flat:
+        if drill:
             console.print()
-            shown = [{**r, "Trust": trust_verdict(r)} for r in flat]
+            shown = [{**row, "Tool": r.rule.tool, "Trust": trust_verdict(row)} for r in drill for row in r.rows]
             print_row_records(shown, ("Tool", "ReportId", "Timestamp", "Signer", "Trust"), console)
 
     return draw
@@ -451,7 +453,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         errors=errors,
         keys=_keys(args.rows),
         flat=flat,
-        table=_draw_results(findings, records, flat, args.view),
+        table=_draw_results(findings, records, results if args.rows else None, args.view),
     )
     if not args.quiet:
         err_console = make_console(sys.stderr)
@@ -508,7 +510,7 @@ def cmd_hunt(args: argparse.Namespace) -> int:
         errors=[],
         keys=_keys(args.rows),
         flat=flat,
-        table=_draw_results(findings, records, flat, args.view),
+        table=_draw_results(findings, records, results if args.rows else None, args.view),
     )
     if not args.quiet and fmt == "table" and findings:
         by_tool = ", ".join(f"{k} {v}" for k, v in counts.by_tool.items())
@@ -528,7 +530,7 @@ def cmd_rows(args: argparse.Namespace) -> int:
     records = [row_record(r) for r in rows]
 
     def draw(console: Any) -> None:
-        shown = [{**r, "Trust": trust_verdict(raw)} for r, raw in zip(records, rows, strict=True)]
+        shown = [{**raw, "Trust": trust_verdict(raw)} for raw in rows]
         print_row_records(shown, ("ReportId", "Timestamp", "Signer", "Trust"), console)
 
     summary = {"rows": len(records), "devices": len({r["DeviceId"] for r in rows}), "excluded_only": args.excluded}

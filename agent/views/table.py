@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from rich import box
+from rich.cells import cell_len, get_character_cell_size
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -45,28 +46,41 @@ def make_console(stream: TextIO, *, width: int | None = None) -> Console:
     )
 
 
+def _head(text: str, cells: int) -> str:
+    """The longest start of ``text`` that takes at most ``cells`` terminal cells."""
+    used = 0
+    for i, char in enumerate(text):
+        used += get_character_cell_size(char)
+        if used > cells:
+            return text[:i]
+    return text
+
+
+def _tail(text: str, cells: int) -> str:
+    return _head(text[::-1], cells)[::-1]
+
+
 def shorten_middle(text: str, width: int) -> str:
-    """``text`` in at most ``width`` cells, cut in its middle so both ends (the root and the file
-    name) stay readable."""
-    if len(text) <= width:
+    """``text`` in at most ``width`` terminal cells, cut in its middle so both ends (the root and
+    the file name) stay readable."""
+    if cell_len(text) <= width:
         return text
     if width <= 1:
         return ELLIPSIS[:width]
     keep = width - 1
-    tail = (keep + 1) // 2
-    head = keep - tail
-    return text[:head] + ELLIPSIS + text[len(text) - tail :]
+    tail = _tail(text, (keep + 1) // 2)
+    return _head(text, keep - cell_len(tail)) + ELLIPSIS + tail
 
 
 def shorten_path(path: str, width: int) -> str:
     """A path in at most ``width`` cells, cut in its middle: the file name is kept whole when it
     leaves room for the start of the path, so the end is never the part that is lost."""
-    if len(path) <= width:
+    if cell_len(path) <= width:
         return path
     cut = max(path.rfind("/"), path.rfind("\\"))
     tail = path[cut:] if cut > 0 else ""
-    if tail and len(tail) <= width - 5:
-        return path[: width - 1 - len(tail)] + ELLIPSIS + tail
+    if tail and cell_len(tail) <= width - 5:
+        return _head(path, width - 1 - cell_len(tail)) + ELLIPSIS + tail
     return shorten_middle(path, width)
 
 
@@ -140,7 +154,7 @@ def findings_table(findings: Sequence[Finding], width: int) -> tuple[list[Table]
         row["Path"] = escape_path(f.path)
         rows.append(row)
     columns = list(rows[0])
-    natural = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    natural = {c: max([len(c)] + [cell_len(r[c]) for r in rows]) for c in columns}
     widths = _fit(
         natural, width, [("Signer", MIN_SIGNER), ("Tool", MIN_TOOL), ("Device", MIN_TOOL), ("Path", MIN_PATH)]
     )
@@ -225,7 +239,7 @@ def print_row_records(records: Sequence[Mapping[str, Any]], lead: Sequence[str],
         return
     columns = [*lead, "SHA256", "FolderPath"]
     cells = [{c: _cell(rec.get(c)) for c in columns} for rec in records]
-    natural = sum(max([len(c)] + [len(r[c]) for r in cells]) for c in columns) + len(columns) - 1
+    natural = sum(max([len(c)] + [cell_len(r[c]) for r in cells]) for c in columns) + len(columns) - 1
     if natural <= console.width:
         print_records(records, columns, console)
         return
