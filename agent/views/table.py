@@ -156,7 +156,15 @@ def findings_table(findings: Sequence[Finding], width: int) -> tuple[list[Table]
     columns = list(rows[0])
     natural = {c: max([len(c)] + [cell_len(r[c]) for r in rows]) for c in columns}
     widths = _fit(
-        natural, width, [("Signer", MIN_SIGNER), ("Tool", MIN_TOOL), ("Device", MIN_TOOL), ("Path", MIN_PATH)]
+        natural,
+        width,
+        [
+            ("Path", MIN_PATH_ONE_LINE),
+            ("Signer", MIN_SIGNER),
+            ("Tool", MIN_TOOL),
+            ("Device", MIN_TOOL),
+            ("Path", MIN_PATH),
+        ],
     )
     grouped = widths["Path"] < min(natural["Path"], MIN_PATH_ONE_LINE)
     if grouped:
