@@ -207,9 +207,14 @@ def _load_exclusions(settings: Settings) -> list[Any]:
 
 
 def _open_store(settings: Settings) -> Any:
+    import sqlite3
+
     from agent.store import Store
 
-    return Store(settings.database)
+    try:
+        return Store(settings.database)
+    except sqlite3.Error as exc:  # the `store` branch's StoreError says more; this names the file at least
+        raise UsageError(f"{settings.database}: cannot open the store: {exc}") from exc
 
 
 def _hunt(

@@ -219,6 +219,28 @@ def print_findings(findings: Sequence[Finding], console: Console, *, empty: str 
     console.print(legend)
 
 
+# Values that are read whole or not at all (ids, hashes, times, counts): a table never wraps them.
+WHOLE_KEYS = frozenset(
+    {
+        "RuleId",
+        "DeviceId",
+        "SHA1",
+        "SHA256",
+        "SignerHash",
+        "IssuerHash",
+        "Timestamp",
+        "FirstSeen",
+        "LastSeen",
+        "ReportId",
+        "Count",
+        "Source",
+        "Techniques",
+        "Trust",
+    }
+)
+MIN_FOLD = 10
+
+
 def print_records(
     records: Sequence[Mapping[str, Any]],
     columns: Sequence[str],
@@ -226,15 +248,31 @@ def print_records(
     *,
     empty: str = "(none)",
 ) -> None:
-    """A plain table of records. Long values wrap (fold) in their column; nothing is truncated."""
+    """A table of records. Ids, hashes and times stay whole on one line; text columns wrap in
+    their column. When even that does not fit the width, each record becomes a block of
+    ``Key  value`` lines. Nothing is truncated."""
     if not records:
         console.print(Text(empty))
         return
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    cells = [{c: _cell(rec.get(c)) for c in columns} for rec in records]
+    natural = {c: max([cell_len(c)] + [cell_len(r[c]) for r in cells]) for c in columns}
+    needed = sum(natural[c] if c in WHOLE_KEYS else min(natural[c], MIN_FOLD) for c in columns) + len(columns) - 1
+    if needed > console.width:
+        key_width = max(cell_len(c) for c in columns)
+        for n, row in enumerate(cells):
+            if n:
+                console.print()
+            for c in columns:
+                console.print(Text(f"{c:<{key_width}}  {row[c]}"), overflow="fold")
+        return
+    table = _new_table()
     for c in columns:
-        table.add_column(c, overflow="fold")
-    for rec in records:
-        table.add_row(*(Text(_cell(rec.get(c))) for c in columns))
+        whole = c in WHOLE_KEYS
+        table.add_column(
+            c, no_wrap=whole, overflow="ignore" if whole else "fold", min_width=natural[c] if whole else None
+        )
+    for row in cells:
+        table.add_row(*(Text(row[c]) for c in columns))
     console.print(table)
 
 

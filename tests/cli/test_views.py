@@ -372,3 +372,56 @@ def test_explain_is_short_shows_the_chain_evidence_as_text_and_warns(tmp_path):
     )
     assert "Trust     trusted" in trusted.stdout and "face value" not in trusted.stdout
     assert "root: trusted root rmmhunt Test Root CA" in trusted.stdout
+
+
+def _on_a_terminal(args: list[str], state, env_extra: dict[str, str], columns: int = 100) -> str:
+    """Run rmmhunt with stdout and stderr on a real pseudo-terminal; return what it drew."""
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "TERM")}
+    env.update({"TERM": "xterm-256color", **env_extra})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *args, "--state-dir", str(state)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_colour_on_a_terminal_and_no_colour_with_no_color(tmp_path):
+    args = ["scan", str(FILES / "flipped_byte.exe")]
+    coloured = _on_a_terminal(args, tmp_path / "s", {})
+    plain = _on_a_terminal(args, tmp_path / "s", {"NO_COLOR": "1"})
+    assert "signature broken" in coloured and "signature broken" in plain
+    assert _colours(coloured) and not _colours(plain)  # bold may stay: NO_COLOR is about colour
+
+
+def _colours(text: str) -> set[str]:
+    """The colour parameters (30-49, 90-107, 38;5;n...) of the SGR sequences in ``text``."""
+    found = set()
+    for params in re.findall(r"\x1b\[([0-9;]*)m", text):
+        for p in params.split(";"):
+            if p.isdigit() and (30 <= int(p) <= 49 or 90 <= int(p) <= 107):
+                found.add(p)
+    return found
