@@ -247,14 +247,19 @@ def _gone_map(store: Any, device_id: str) -> dict[tuple[str, str], dt.datetime]:
 
 
 def _table_text(draw: Callable[[Any], None], out: str | None) -> str | None:
-    """Draw on the stdout console, or into a string for --out (no terminal: no width limit)."""
+    """Draw on the terminal; for --out or a pipe, draw into a string (no width limit unless
+    $COLUMNS says one) without the cells' trailing padding."""
     from agent.views.table import make_console
 
+    if not out and sys.stdout.isatty():
+        draw(make_console(sys.stdout))
+        return None
+    buf = StringIO()
+    draw(make_console(buf))
+    text = "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
     if out:
-        buf = StringIO()
-        draw(make_console(buf))
-        return buf.getvalue()
-    draw(make_console(sys.stdout))
+        return text
+    sys.stdout.write(text)
     return None
 
 

@@ -20,7 +20,7 @@ from agent.rows import Device, build_rows
 from agent.scanner import evidence_dict, examine_path
 from agent.settings import Settings
 from agent.textenc import display, escape_path
-from agent.views.records import BROKEN, NOT_VERIFIED, TRUSTED, UNTRUSTED, trust_verdict
+from agent.views.records import BROKEN, NOT_VERIFIED, TRUSTED, UNTRUSTED, row_record, trust_verdict
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Explanation:
                 }
                 for row in self.rows
             ],
-            "rows": self.rows,
+            "rows": [row_record(r) for r in self.rows],
             "rules": [v.__dict__ for v in self.verdicts],
         }
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.textenc import encodable, escape_path
+
 FORMATS = ("table", "json", "jsonl", "csv")
 EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 # A spreadsheet treats a cell starting with one of these as a formula (OWASP "CSV Injection").
@@ -30,7 +32,8 @@ class OutputError(Exception):
 
 
 def plain(value: Any) -> Any:
-    """JSON-ready value: datetimes as ISO 8601 UTC with Z, tuples and sets as lists."""
+    """JSON-ready value: datetimes as ISO 8601 UTC with Z, tuples and sets as lists, and a str
+    holding undecodable bytes in the path escape (records already escape their path fields)."""
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
@@ -39,6 +42,8 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value)]
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, str) and not encodable(value):
+        return escape_path(value)  # raw bytes (surrogateescape) that no UTF-8 output can carry
     return value
 
 

@@ -74,18 +74,14 @@ def estimate_file_count(roots: Iterable[str], skip_dirs: Iterable[str] = (), mou
 
 
 def count_files(roots: Iterable[str], skip_dirs: Iterable[str], stop: threading.Event) -> int | None:
-    """The number of non-directory entries under ``roots`` (directory symlinks not followed, other
-    filesystems not entered, ``skip_dirs`` skipped): readdir only, one stat per directory.
+    """The number of non-directory entries under ``roots`` as the walk sees them (directory
+    symlinks not followed, ``skip_dirs`` skipped): readdir only, no stat (d_type).
     None when ``stop`` is set before the count is done."""
     skip = {os.path.normpath(s) for s in skip_dirs}
     total = 0
     for root in roots:
         if not os.path.isdir(root) or os.path.islink(root):
             total += 1
-            continue
-        try:
-            device = os.stat(root).st_dev
-        except OSError:
             continue
         stack = [root]
         while stack:
@@ -102,11 +98,7 @@ def count_files(roots: Iterable[str], skip_dirs: Iterable[str], stop: threading.
                         if not is_dir:
                             total += 1
                         elif entry.path not in skip:
-                            try:
-                                if entry.stat(follow_symlinks=False).st_dev == device:
-                                    stack.append(entry.path)
-                            except OSError:
-                                pass
+                            stack.append(entry.path)
             except OSError:
                 continue
     return total
