@@ -17,11 +17,52 @@ DWSERVICE = "642b39b7-18eb-46eb-ba1f-bf70befae05e"
 RESULT_KEYS = {"RuleId", "RuleName", "Tool", "DeviceId", "DeviceName", "FirstSeen", "LastSeen", "Report", "Count"}
 
 
-def rmmhunt(*args: str, state, timeout: float = 300, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "agent.cli", *args, "--state-dir", str(state)]
+def rmmhunt(
+    *args: str, state, timeout: float = 300, extra_env: dict | None = None, process: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the CLI as the console script does: ``agent.cli.main`` with stdout and stderr on strict
+    UTF-8 streams (not terminals), in this process (fast: the imports are paid once), or in a
+    child process with ``process=True``."""
+    cmd = [*args, "--state-dir", str(state)]
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env.update(extra_env or {})
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if process:
+        full = [sys.executable, "-m", "agent.cli", *cmd]
+        return subprocess.run(full, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return _in_process(cmd, env)
+
+
+def _in_process(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import logging
+
+    from agent.cli import main
+
+    def stream() -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+
+    out, err = stream(), stream()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(cmd)
+            except SystemExit as exc:  # argparse: --help, usage errors
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root = logging.getLogger()
+        for handler in root.handlers[:]:  # main() configures logging for a process: undo it
+            handler.close()
+            root.removeHandler(handler)
+    texts = [s.buffer.getvalue().decode("utf-8") for s in (out, err)]  # type: ignore[attr-defined]
+    return subprocess.CompletedProcess(["rmmhunt", *cmd], code, texts[0], texts[1])
 
 
 def test_scan_fixtures_reports_pulseway_and_dwservice(tmp_path):
