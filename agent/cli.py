@@ -379,6 +379,72 @@ class _CurrentTracker:
         return out
 
 
+def emit_results(
+    results: Sequence[Any],
+    *,
+    fmt: str,
+    out: str | None,
+    summary: Mapping[str, Any],
+    errors: Sequence[Mapping[str, Any]] = (),
+    with_rows: bool = False,
+    view: str = "files",
+    findings: Sequence[Any] | None = None,
+) -> None:
+    """Hunt results in any format, the one way every command shows them (scan, hunt, and the
+    commands of other modules such as a process sweep). ``errors`` are error records."""
+    from agent.views.records import findings_of
+
+    if findings is None:
+        findings = findings_of(results)
+    records, flat = _results_output(results, with_rows)
+    _emit(
+        fmt,
+        out,
+        summary=summary,
+        results=records,
+        errors=errors,
+        keys=_keys(with_rows),
+        flat=flat,
+        table=_draw_results(findings, records, results if with_rows else None, view),
+    )
+
+
+# Older helper names that command modules written against the previous cli.py call; they
+# return the new shapes (docs/output.md).
+
+
+def _result_records(results: Sequence[Any]) -> list[dict[str, Any]]:
+    return _results_output(results, False)[0]
+
+
+def _drill_records(results: Sequence[Any]) -> list[dict[str, Any]]:
+    return _results_output(results, True)[1] or []
+
+
+def _write(text: str, out: str | None) -> None:
+    write_output(text, out, sys.stdout)
+
+
+def _render_results(results: Sequence[Any], fmt: str, with_rows: bool) -> str:
+    buf = StringIO()
+    saved, sys.stdout = sys.stdout, buf
+    try:
+        emit_results(results, fmt=fmt, out=None, summary={"results": len(results)}, with_rows=with_rows)
+    finally:
+        sys.stdout = saved
+    return buf.getvalue()
+
+
+def summary_text(stats: Mapping[str, Any], results: int) -> str:
+    """The end summary from a ScanStats dict alone (no findings): for other command modules."""
+    from agent.views.records import Tally, error_record
+    from agent.views.table import scan_summary_lines
+
+    summary = {**stats, "findings": results}
+    errors = [error_record(e) for e in stats.get("errors", ())]
+    return "\n".join(scan_summary_lines(summary, Tally({}, {}), errors)) + "\n"
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -454,16 +520,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
             "incomplete_reasons": reasons,
         }
     )
-    records, flat = _results_output(results, args.rows)
-    _emit(
-        fmt,
-        args.out,
+    emit_results(
+        results,
+        fmt=fmt,
+        out=args.out,
         summary=summary,
-        results=records,
         errors=errors,
-        keys=_keys(args.rows),
-        flat=flat,
-        table=_draw_results(findings, records, results if args.rows else None, args.view),
+        with_rows=args.rows,
+        view=args.view,
+        findings=findings,
     )
     if not args.quiet:
         err_console = make_console(sys.stderr)
@@ -511,16 +576,15 @@ def cmd_hunt(args: argparse.Namespace) -> int:
         "gone": sum(1 for f in findings if f.gone_at),
         "include_excluded": bool(args.include_excluded),
     }
-    records, flat = _results_output(results, args.rows)
-    _emit(
-        fmt,
-        args.out,
+    emit_results(
+        results,
+        fmt=fmt,
+        out=args.out,
         summary=summary,
-        results=records,
         errors=[],
-        keys=_keys(args.rows),
-        flat=flat,
-        table=_draw_results(findings, records, results if args.rows else None, args.view),
+        with_rows=args.rows,
+        view=args.view,
+        findings=findings,
     )
     if not args.quiet and fmt == "table" and findings:
         by_tool = ", ".join(f"{k} {v}" for k, v in counts.by_tool.items())

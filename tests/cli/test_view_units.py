@@ -179,3 +179,13 @@ def test_progress_total_estimates(tmp_path):
     stopped = threading.Event()
     stopped.set()
     assert count_files([str(tmp_path)], [], stopped) is None
+
+
+def test_helpers_for_other_command_modules_give_the_new_shapes():
+    from agent import cli
+
+    results = [HuntResult(_Rule("p", "Pulseway"), {"DeviceId": "a" * 40, "Count": 1}, tuple(_rows("pulseway.exe")))]  # type: ignore[arg-type]
+    payload = json.loads(cli._render_results(results, "json", True))
+    assert set(payload) == {"summary", "results", "errors"} and payload["results"][0]["Rows"]
+    assert cli._result_records(results)[0]["RuleId"] == "p" and cli._drill_records(results)[0]["Tool"] == "Pulseway"
+    assert "Pulseway" in cli._render_results(results, "table", False)
