@@ -283,6 +283,17 @@ def test_make_scan_keeps_stdout_clean_and_returns_the_scans_verdict(tmp_path):
     assert "exit 1 (findings)" in found.stderr
     failed = make(str(tmp_path / "missing"))
     assert failed.returncode != 0 and failed.stdout == "" and "exit 2 (error)" in failed.stderr
+    # a failing install is shown, on stderr; a working one is not (the runs above printed none of it)
+    broken = subprocess.run(
+        ["make", "--no-print-directory", "scan", f"VENV={tmp_path / 'venv'}", "PYTHON=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert broken.returncode != 0 and broken.stdout == ""
+    assert "install failed" in broken.stderr and "false -m venv" in broken.stderr
+    assert "pip" not in clean.stderr and "installed:" not in clean.stderr
 
 
 # --- finding 5: one shape for machine output
