@@ -36,8 +36,15 @@ $(DEB_STAMP):
 debs: $(DEB_STAMP)
 
 # The main job: scan this machine's default roots into the embedded SQLite store and print the report.
-scan: install
-	$(BIN)/rmmhunt scan $(SCAN_ARGS); rc=$$?; [ $$rc -le 1 ] || exit $$rc
+# stdout carries the report only (no recipe echo); the install runs quietly into $(VENV)/install.log,
+# shown only if it fails. make itself can only exit 0 or 2: a clean scan exits 0, anything else
+# non-zero, and the scan's own code (1 findings, 2 error) is named on stderr.
+scan:
+	@mkdir -p $(VENV); $(MAKE) --no-print-directory install >$(VENV)/install.log 2>&1 || \
+	  { cat $(VENV)/install.log >&2; echo "make scan: install failed (log: $(VENV)/install.log)" >&2; exit 2; }
+	@$(BIN)/rmmhunt scan $(SCAN_ARGS); rc=$$?; \
+	case $$rc in 0) ;; 1) echo "make scan: rmmhunt exit 1 (findings)" >&2 ;; *) echo "make scan: rmmhunt exit $$rc (error)" >&2 ;; esac; \
+	exit $$rc
 
 test: install
 	$(BIN)/python -m pytest

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +145,7 @@ def examine_path(
     dir_fd: int | None = None,
     name: str | None = None,
     follow_symlinks: bool = False,
+    caps: Mapping[str, int] | None = None,
 ) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
     """(status, facts or None, detail, (st_dev, st_ino, size, mtime_ns)) for one path.
 
@@ -174,7 +175,7 @@ def examine_path(
         os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
             fd = -1
-            facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=time_budget)
+            facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=time_budget, **(caps or {}))
         return facts.status, facts, facts.detail, ident
     except FileNotFoundError as exc:
         return "VANISHED", None, str(exc), ident
@@ -217,7 +218,9 @@ class Scanner:
         reobserve_interval: float,
         source: str = "scan",
         clock: Clock = utc_now,
+        caps: Mapping[str, int] | None = None,
     ) -> None:
+        self.caps = dict(caps or {})  # certificate-table caps for extract_stream (Settings.extract_caps)
         self.store = store
         self.device = device
         self.matcher = matcher
@@ -252,6 +255,7 @@ class Scanner:
             dir_fd=item.dir_fd if item.dir_fd >= 0 else None,
             name=item.name or None,
             follow_symlinks=item.follow,
+            caps=self.caps,
         )
 
     def observe(

@@ -317,6 +317,15 @@ class Settings:
         return self.state_dir / "rmmhunt.sqlite3"
 
     @property
+    def extract_caps(self) -> dict[str, int]:
+        """The certificate-table caps, as keyword arguments of ``extract_stream``."""
+        return {
+            "max_cert_table_size": self.max_cert_table_size,
+            "max_certificates": self.max_certificates,
+            "max_signatures": self.max_signatures,
+        }
+
+    @property
     def rule_dirs_effective(self) -> tuple[Path, ...]:
         return self.rules_dirs or (shipped_rules_dir(),)
 

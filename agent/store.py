@@ -464,6 +464,9 @@ class Store:
         return db
 
     def _open_readonly(self) -> _Connection:
+        parent = self.path.parent
+        if parent.exists() and not parent.is_dir():
+            raise StoreError(f"{parent}: the state directory is not a directory")
         if not self.path.exists():  # nothing stored yet: an empty store that exists nowhere
             return _empty_memory_store(self.path)
         uri = self.path.resolve().as_uri()
