@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from agent import __version__, config_cli
 from agent.output import FORMATS, plain, render
+from agent.service import cli as runtime_cli
 from agent.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("rmmhunt")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="read signers only: no hashing, no trust check")
     p.add_argument("--follow-symlinks", action="store_true", help="follow directory symlinks (loops detected)")
     p.add_argument("--rows", action="store_true", help="list the rows behind each result")
+    p.add_argument("--processes", action="store_true", help="the images and mapped files of running processes")
     _format_options(p)
 
     p = add("hunt", "run the rules over the local store")
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(rc, suppress=True)
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
     config_cli.add_parser(sub, _global_options)
+    runtime_cli.add_parser(sub, _global_options)
     return parser
 
 
@@ -289,6 +292,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from agent.extract.authenticode import TrustVerifier, load_roots
     from agent.scanner import Matcher, Scanner
 
+    if args.processes:
+        return runtime_cli.scan_processes(args)
     settings = _settings(args, follow_symlinks=args.follow_symlinks or None, verify=False if args.no_verify else None)
     rules = _load_rules(settings, sys.stderr)
     exclusions = _load_exclusions(settings)
@@ -404,6 +409,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
 COMMANDS["config"] = config_cli.run
+COMMANDS.update(dict.fromkeys(runtime_cli.COMMAND_NAMES, runtime_cli.run))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
