@@ -94,6 +94,7 @@ class Runner:
         stop: threading.Event | None = None,
         observer_factory: Callable[..., Any] | None = None,
         uncovered_scan_interval: float | None = None,
+        low_priority: bool = True,
     ) -> None:
         self.load_settings = load_settings
         self.mode = mode
@@ -101,7 +102,9 @@ class Runner:
         self.stop_event = stop if stop is not None else threading.Event()
         self.observer_factory = observer_factory
         self._uncovered_interval = uncovered_scan_interval
+        self.low_priority = low_priority
         self.reload_requested = threading.Event()
+        self.status_requested = threading.Event()  # any thread: write the status file now
         self.pipeline: Pipeline | None = None
         self.watcher: Watcher | None = None
         self.proc = psutil.Process()
@@ -316,7 +319,7 @@ class Runner:
         self._sweeper = ProcessSweep(self.pipeline)
         self._apply_budgets(settings)
         self._config_mtime = self._config_stamp(settings)
-        self.status = {"state": "starting", "last_error": "", "priority": lower_priority()}
+        self.status = {"state": "starting", "last_error": "", "priority": lower_priority() if self.low_priority else {}}
         installed = self._install_signals()
         try:
             self._start_watcher()
@@ -374,7 +377,11 @@ class Runner:
                 self.sweep()
                 last_sweep = time.monotonic()
             self.memory.check()
-            self._write_status()
+            if self.status_requested.is_set():
+                self.status_requested.clear()
+                self._write_status(force=True)
+            else:
+                self._write_status()
             self.stop_event.wait(POLL_SECONDS)
         return 0
 

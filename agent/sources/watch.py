@@ -205,6 +205,9 @@ class Watcher:
 
     def start(self) -> None:
         self._observer = self._factory(self._record_failure, self._record_success)
+        # started first: a watch scheduled on a running observer is placed at once, so a refused
+        # root raises here (on a stopped one it would raise from start(), for all roots at once)
+        self._observer.start()
         handler = _Handler(self._events)
         for root in self.roots:
             if not os.path.isdir(root):
@@ -216,7 +219,6 @@ class Watcher:
                 self._record_failure(root, exc)
                 continue
             self.watched_roots.append(root)
-        self._observer.start()
 
     def stop(self) -> None:
         if self._observer is not None:
