@@ -320,7 +320,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         )
         progress = None if args.no_progress or not sys.stderr.isatty() else Progress(sys.stderr)
         try:
-            stats = scanner.scan(roots, skip_dirs=skip, follow_symlinks=settings.follow_symlinks, progress=progress)
+            per_file = runtime_cli.with_cpu_cap(progress, settings.max_cpu_percent)
+            stats = scanner.scan(roots, skip_dirs=skip, follow_symlinks=settings.follow_symlinks, progress=per_file)
         finally:
             if progress:
                 progress.done()

@@ -271,3 +271,19 @@ def scan_processes(args: argparse.Namespace) -> int:
     else:
         cli._write(cli._render_results(results, args.format, args.rows), args.out)
     return cli.EXIT_FINDINGS if results else cli.EXIT_CLEAN
+
+
+def with_cpu_cap(progress: Callable[[Any, str], None] | None, max_cpu_percent: float) -> Any:
+    """The scan's per-file callback with the ``max_cpu_percent`` throttle in front (None: neither)."""
+    if max_cpu_percent <= 0:
+        return progress
+    from agent.service.budgets import CpuThrottle
+
+    throttle = CpuThrottle(max_cpu_percent)
+
+    def per_file(stats: Any, path: str) -> None:
+        throttle.tick()
+        if progress is not None:
+            progress(stats, path)
+
+    return per_file

@@ -113,6 +113,8 @@ class _Handler(FileSystemEventHandler):
         now = time.monotonic()
         path = event.dest_path if isinstance(event, FileMovedEvent | DirMovedEvent) else event.src_path
         path = os.fsdecode(path)
+        if not path:  # moved out of the tree: nothing left here to examine
+            return
         if isinstance(event, DirMovedEvent | DirCreatedEvent):
             self.events.put(("directory", path, now))
         elif isinstance(event, FileMovedEvent):
@@ -134,7 +136,9 @@ def _make_observer(record_failure: Callable[[str, OSError], None], record_succes
 
     class RecordingInotifyObserver(InotifyObserver):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
-            super().__init__()
+            # full events: a file moved in from outside the tree is a move (ready at once), not a
+            # creation (which would wait to settle)
+            super().__init__(generate_full_events=True)
             fd = self._inotify_fd
             add_callback = fd.add_callback
 
