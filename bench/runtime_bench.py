@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RMMHUNT = [sys.executable, "-m", "agent.cli"]
 PULSEWAY = ROOT / "tests" / "fixtures" / "files" / "pulseway.exe"
-SIGNED = [p for p in (ROOT / "tests" / "fixtures" / "files").glob("*.exe") if p.name in ("pulseway.exe", "dwservice.exe", "dual_signed.exe", "benign.exe", "pe64.exe")]
+SIGNED = [
+    ROOT / "tests" / "fixtures" / "files" / name
+    for name in ("pulseway.exe", "dwservice.exe", "dual_signed.exe", "benign.exe", "pe64.exe")
+]
 
 
 def write_config(path: Path, **values: object) -> Path:
@@ -118,7 +121,10 @@ def bench_latency(work: Path, trials: int) -> dict:
     p50 = statistics.median(latencies)
     p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
     print(f"\n[1] watch latency, renamed signed RMM binary -> finding stored ({trials} trials)")
-    print(f"  p50 {p50 * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms   max {latencies[-1] * 1000:7.1f} ms   (goal p95 <= 1000 ms)")
+    print(
+        f"  p50 {p50 * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms   max {latencies[-1] * 1000:7.1f} ms"
+        "   (goal p95 <= 1000 ms)"
+    )
     return {"trials": trials, "p50_s": p50, "p95_s": p95, "max_s": latencies[-1], "goal_p95_s": 1.0}
 
 
@@ -208,7 +214,10 @@ def _scan(tree: Path, state: Path, cap: float, window: float | None) -> tuple[fl
             break
         time.sleep(0.25)
     if proc.poll() is None:
-        proc.wait(600)
+        if window is not None:  # the window is measured: the rest of the scan is not needed
+            stop(proc)
+        else:
+            proc.wait(600)
     wall = time.monotonic() - t_start
     return wall, (c1 - c0) / max(t1 - t0, 1e-9) * 100, t1 - t0
 
@@ -219,7 +228,7 @@ def bench_cpu_cap(work: Path, seconds: float, cap: float = 20.0) -> dict:
     make_scan_tree(tree, signed, other)
     free_wall, free_cpu, _ = _scan(tree, work / "state-free", 0, None)
     # the capped scan must outlast the window: grow the tree if the free scan is too quick
-    while free_wall * cap / 100 * 0 + free_wall * 100 / cap < seconds + 10 and signed < 64000:
+    while free_wall * free_cpu / cap < seconds + 10 and signed < 64000:  # capped duration ~ CPU seconds / cap
         make_scan_tree(tree / f"more{signed}", signed, other)
         signed, other = signed * 2, other * 2
         shutil.rmtree(work / "state-free")
@@ -228,6 +237,11 @@ def bench_cpu_cap(work: Path, seconds: float, cap: float = 20.0) -> dict:
     print(f"\n[3] `rmmhunt scan` of {signed} signed PEs + {other} other files under max_cpu_percent={cap:g}")
     print(f"  uncapped scan {free_wall:6.1f} s at {free_cpu:5.1f} % CPU")
     print(f"  capped: {cpu:5.1f} % CPU over a {window:.0f} s window (goal {cap:g} +- 5 points)")
+    load = os.getloadavg()[0]
+    if free_cpu < cap + 5:
+        print(
+            f"  note: the uncapped scan itself got only {free_cpu:.1f} % (load average {load:.1f}): the cap is not tested"
+        )
     return {
         "cap_percent": cap,
         "cpu_percent": cpu,
