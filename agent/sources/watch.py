@@ -195,7 +195,10 @@ class Watcher:
     def _record_failure(self, path: str, exc: OSError) -> None:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return  # gone before it could be watched: nothing there to cover
-        reason = "inotify watch limit reached (ENOSPC)" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        reason = {
+            errno.ENOSPC: "inotify watch limit reached (ENOSPC)",
+            errno.EMFILE: "inotify instance limit reached (EMFILE)",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
         with self._lock:
             first = path not in self._failed
             self._failed[path] = reason
@@ -208,7 +211,12 @@ class Watcher:
                 self._failed.pop(path, None)
 
     def start(self) -> None:
-        self._observer = self._factory(self._record_failure, self._record_success)
+        try:
+            self._observer = self._factory(self._record_failure, self._record_success)
+        except OSError as exc:  # no inotify instance left (EMFILE: max_user_instances): nothing is watched
+            for root in self.roots:
+                self._record_failure(root, exc)
+            return
         # started first: a watch scheduled on a running observer is placed at once, so a refused
         # root raises here (on a stopped one it would raise from start(), for all roots at once)
         self._observer.start()

@@ -277,3 +277,36 @@ def test_a_file_moved_in_from_outside_is_ready_at_once(tmp_path):
         os.rename(outside / "x.exe", watched / "x.exe")
         ready = wait_for(lambda: w.poll())
     assert [(r.path, r.kind, r.why) for r in ready] == [(str(watched / "x.exe"), "file", "moved")]
+
+
+def test_no_inotify_instance_left_leaves_every_root_uncovered_instead_of_crashing(tmp_path):
+    """Injected at the observer boundary (lowering fs.inotify.max_user_instances would break
+    every other inotify user on this shared machine): the observer cannot be created."""
+    import errno
+
+    def no_instance(*_args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with Watcher([str(tmp_path)], settle_seconds=1.0, observer_factory=no_instance) as w:
+        assert w.watched_roots == []
+        assert [(u.path, u.reason) for u in w.uncovered()] == [
+            (str(tmp_path), "inotify instance limit reached (EMFILE)")
+        ]
+        assert w.poll() == []
+
+
+def test_status_without_an_agent_and_with_a_dead_one(tmp_path):
+    from agent.service.status import write_status
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["status", "--state-dir", str(tmp_path)]) == 0
+    assert out.getvalue().startswith("running: no\nno status file")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_status(tmp_path, {"state": "running", "pid": dead.pid, "version": "0.1.0", "started": time.time()})
+    record = status_json(tmp_path)
+    assert record["Running"] is False and record["State"] == "not running" and record["Pid"] == dead.pid
+    (tmp_path / "status.json").write_text("{torn")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["status", "--state-dir", str(tmp_path)]) == 2
