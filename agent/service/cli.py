@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,8 @@ def _run_agent(args: argparse.Namespace) -> int:
     )
     try:
         return Runner(loader, mode=args.command, paths=getattr(args, "paths", None) or ()).run()
+    except (OSError, sqlite3.Error) as exc:  # the state directory or store cannot be used: one line
+        raise ConfigError(f"state directory {settings.state_dir}: {exc}") from exc
     finally:
         teardown_logging(handler)
 
