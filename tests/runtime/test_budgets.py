@@ -105,3 +105,13 @@ def test_json_log_lines_rotate(tmp_path):
     assert last[-1]["message"] == "line 199" and last[-1]["event"] == "test" and last[-1]["n"] == 199
     assert last[-1]["level"] == "warning" and last[-1]["ts"].endswith("+00:00")
     assert all(p.stat().st_size <= 2000 for p in log_file.parent.iterdir())
+
+
+def test_the_scan_command_gets_the_cpu_cap_in_its_per_file_callback():
+    from agent.service.cli import with_cpu_cap
+
+    assert with_cpu_cap(None, 0) is None
+    seen = []
+    per_file = with_cpu_cap(lambda stats, path: seen.append(path), 20)
+    per_file(None, "/x")
+    assert seen == ["/x"]
