@@ -74,7 +74,7 @@ class CpuThrottle:
         window: float = 2.0,
         check_every: float = 0.05,
         proc: Any = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self.share = percent / 100.0
         self.window = window

@@ -200,6 +200,24 @@ class Pipeline:
         self._report_findings()
         return rows
 
+    def observe_during_bulk(self, path: str, source: str, stats: ScanStats) -> None:
+        """One file while a scan or sweep holds the store's transaction (from its per-file hook):
+        examined with its own source and committed at once, together with what the scan has done."""
+        saved = self.scanner.source
+        self.scanner.source = source
+        try:
+            self.scanner.observe(walk_item(path), stats)
+        except Exception as exc:  # a bug must not end the scan
+            log.exception("internal error on %r", path)
+            stats.statuses["PARSE_ERROR"] += 1
+            stats.errors_total += 1
+            stats.errors.append({"path": path, "status": "PARSE_ERROR", "detail": f"internal: {exc}"})
+        finally:
+            self.scanner.source = saved
+        self.scanner.flush()
+        self.store.begin()
+        self._report_findings()
+
     def scan(
         self,
         roots: Iterable[str],

@@ -12,6 +12,7 @@ Crash-only: when RSS passes ``memory_limit_mb`` the loop flushes, logs and exits
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psutil
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 finding_log = logging.getLogger("rmmhunt.finding")
 
 POLL_SECONDS = 0.05
+BULK_POLL_SECONDS = 0.25  # how often a scan or sweep looks at the watches
 STATUS_EVERY = 2.0
 CONFIG_CHECK_EVERY = 2.0
 FINDINGS_RECOUNT_EVERY = 5.0
@@ -118,6 +120,9 @@ class Runner:
         self._last_config_check = 0.0
         self.watch_stats = ScanStats()
         self.handled = 0
+        self._bulk = False  # a scan or sweep holds the store's transaction
+        self._next_bulk_poll = 0.0
+        self._deferred: list[Any] = []  # new directories seen during a scan
 
     # --- configuration
     @property
@@ -162,15 +167,40 @@ class Runner:
         return True
 
     def _apply_budgets(self, settings: Settings) -> None:
-        self.throttle = CpuThrottle(settings.max_cpu_percent, proc=self.proc)
+        # the throttle's sleep ends early on stop, so SIGTERM is prompt even at a low cap
+        self.throttle = CpuThrottle(settings.max_cpu_percent, proc=self.proc, sleep=self.stop_event.wait)
         self.memory = MemoryCeiling(settings.memory_limit_mb, proc=self.proc)
 
     # --- the per-file hook of every scan, sweep and watch
     def per_file(self, _stats: ScanStats | None = None, _path: str = "") -> None:
+        if self.stop_event.is_set():
+            raise _Stopped
+        if self._bulk and time.monotonic() >= self._next_bulk_poll:
+            self._watch_during_bulk()
         self.throttle.tick()
         self.memory.check()
         if self.stop_event.is_set():
             raise _Stopped
+
+    def _watch_during_bulk(self) -> None:
+        """Files the watches made ready while a scan or sweep holds the store: examined and
+        committed now, not when the scan ends. New directories wait for the scan to end."""
+        assert self.watcher is not None and self.pipeline is not None
+        self._next_bulk_poll = time.monotonic() + BULK_POLL_SECONDS
+        for item in self.watcher.poll():
+            if item.kind == "directory":
+                self._deferred.append(item)
+            else:
+                self.pipeline.observe_during_bulk(item.path, "watch", self.watch_stats)
+                self.handled += 1
+
+    @contextlib.contextmanager
+    def _bulk_work(self) -> Iterator[None]:
+        self._bulk = True
+        try:
+            yield
+        finally:
+            self._bulk = False
 
     def on_finding(self, f: Finding) -> None:
         finding_log.warning(
@@ -204,10 +234,11 @@ class Runner:
     def handle_ready(self) -> int:
         """Examine what the watches made ready; returns how many paths were handled."""
         assert self.watcher is not None and self.pipeline is not None
-        ready = self.watcher.poll()
+        ready, self._deferred = self._deferred + self.watcher.poll(), []
         for item in ready:
             if item.kind == "directory":
-                self.pipeline.scan([item.path], source="watch", per_file=self.per_file)
+                with self._bulk_work():
+                    self.pipeline.scan([item.path], source="watch", per_file=self.per_file)
             else:
                 self.pipeline.observe_path(item.path, "watch", self.watch_stats)
                 self.per_file()
@@ -220,7 +251,8 @@ class Runner:
         roots = [r for r in watch_roots_of(self.settings, self.paths) if os.path.isdir(r)]
         t0 = time.time()
         log.info("full scan (%s) of %d roots", why, len(roots), extra={"event": "scan_started", "why": why})
-        stats = self.pipeline.scan(roots, source="scan", per_file=self.per_file)
+        with self._bulk_work():
+            stats = self.pipeline.scan(roots, source="scan", per_file=self.per_file)
         summary = stats.as_dict()
         self.status["last_full_scan"] = {
             "why": why,
@@ -238,13 +270,15 @@ class Runner:
         paths = [u.path for u in self.watcher.uncovered() if os.path.isdir(u.path)]
         if not paths:
             return
-        stats = self.pipeline.scan(paths, source="scan", per_file=self.per_file)
+        with self._bulk_work():
+            stats = self.pipeline.scan(paths, source="scan", per_file=self.per_file)
         self.status["last_uncovered_scan"] = {"finished_iso": _iso(time.time()), "files": stats.files}
 
     def sweep(self) -> None:
         assert self.pipeline is not None
         t0 = time.time()
-        stats, counters = self._sweeper.run(per_file=self.per_file, skip_pids=frozenset({os.getpid()}))
+        with self._bulk_work():
+            stats, counters = self._sweeper.run(per_file=self.per_file, skip_pids=frozenset({os.getpid()}))
         self.status["process_sweep"] = {
             "finished": time.time(),
             "finished_iso": _iso(time.time()),

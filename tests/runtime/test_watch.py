@@ -52,6 +52,17 @@ def rows_for(state: Path, path: Path) -> list[dict]:
     return [r for r in stored_rows(state) if r["FolderPath"] == str(path)]
 
 
+def committed_sources(state: Path, path: Path) -> list[str]:
+    """Source of each committed row for ``path``, read through a read-only connection."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state / 'rmmhunt.sqlite3'}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute('SELECT "Source" FROM cert_rows WHERE "FolderPath" = ?', (str(path),))]
+    finally:
+        db.close()
+
+
 def status_json(state: Path) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -310,3 +321,28 @@ def test_status_without_an_agent_and_with_a_dead_one(tmp_path):
     (tmp_path / "status.json").write_text("{torn")
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["status", "--state-dir", str(tmp_path)]) == 2
+
+
+def test_a_file_landing_during_a_long_scan_is_stored_before_the_scan_ends(tmp_path, agent_thread):
+    """The start-up walk is slowed down by a tiny CPU cap; the watch still handles a new file."""
+    watched, state = tmp_path / "w", tmp_path / "state"
+    for i in range(150):
+        d = watched / f"d{i // 50}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SIGNED_DWSERVICE, d / f"f{i}.exe")
+    config = write_config(tmp_path / "agent.toml", settle_seconds=0.2, max_cpu_percent=1)
+    from tests.runtime.conftest import AgentThread
+
+    agent = AgentThread(loader(config, state), mode="watch", paths=[str(watched)])
+    agent.thread.start()
+    try:
+        wait_for(lambda: agent.runner.status.get("state") == "starting" and agent.runner._bulk, 30)
+        target = watched / "d0" / "arrived.exe"
+        shutil.copy(SIGNED_PULSEWAY, tmp_path / "arrived.tmp")
+        os.rename(tmp_path / "arrived.tmp", target)
+        # read-only: the agent holds the store's write transaction for its scan
+        sources = wait_for(lambda: committed_sources(state, target), 20)
+        assert sources == ["watch"]
+        assert agent.runner.status["state"] == "starting"  # the start-up walk is still going
+    finally:
+        assert agent.stop() == 0
