@@ -139,7 +139,10 @@ def _make_observer(record_failure: Callable[[str, OSError], None], record_succes
             # full events: a file moved in from outside the tree is a move (ready at once), not a
             # creation (which would wait to settle)
             super().__init__(generate_full_events=True)
-            fd = self._inotify_fd
+            fd = getattr(self, "_inotify_fd", None)  # watchdog 7's shared inotify instance
+            if fd is None:
+                log.warning("this watchdog has no InotifyFD: refused watches below a root are not reported")
+                return
             add_callback = fd.add_callback
 
             def recorded_add_callback(path: bytes, *args: Any, **kwargs: Any) -> Any:
