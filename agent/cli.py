@@ -27,6 +27,7 @@ from agent.output import (
     render_jsonl,
     write_output,
 )
+from agent.service import cli as runtime_cli
 from agent.settings import ConfigError, Settings, load_settings
 from agent.store import StoreError
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="read signers only: no hashing, no trust check")
     p.add_argument("--follow-symlinks", action="store_true", help="follow directory symlinks (loops detected)")
     p.add_argument("--strict", action="store_true", help="exit 2 when the scan is incomplete and found nothing")
+    p.add_argument("--processes", action="store_true", help="the images and mapped files of running processes")
     _format_options(p, views=True)
 
     p = add("hunt", "run the rules over the local store: the history inside each rule's time window", HUNT_HELP)
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
     config_cli.add_parser(sub, _global_options)
     store_cli.add_parser(sub)
+    runtime_cli.add_parser(sub, _global_options)
     return parser
 
 
@@ -417,6 +420,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     fmt = format_for(args.out, args.format)
     check_out(args.out)  # before any work: a typo must not cost a scan
+    if args.processes:
+        return runtime_cli.scan_processes(args)
     settings = _settings(args, follow_symlinks=args.follow_symlinks or None, verify=False if args.no_verify else None)
     rules, _problems = _load_rules(settings, sys.stderr)
     exclusions = _load_exclusions(settings, rules)
@@ -452,7 +457,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
             caps=settings.extract_caps,
         )
         try:
-            stats = scanner.scan(roots, skip_dirs=skip, follow_symlinks=settings.follow_symlinks, progress=progress)
+            per_file = runtime_cli.with_cpu_cap(progress, settings.max_cpu_percent)
+            stats = scanner.scan(roots, skip_dirs=skip, follow_symlinks=settings.follow_symlinks, progress=per_file)
         finally:
             if progress is not None:
                 progress.close()
@@ -623,6 +629,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
 COMMANDS["config"] = config_cli.run
 COMMANDS["store"] = store_cli.run
+COMMANDS.update(dict.fromkeys(runtime_cli.COMMAND_NAMES, runtime_cli.run))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -56,12 +56,17 @@ SUMMARY_VIEW_COLUMNS = (
 )
 RULE_TAG_KEYS = ("RuleId", "RuleName", "Tool", "Techniques")
 ROW_KEYS = COLUMN_NAMES
-DRILL_KEYS = RULE_TAG_KEYS + COLUMN_NAMES + ("Evidence",)
+DRILL_KEYS = RULE_TAG_KEYS + COLUMN_NAMES + ("Running", "Evidence")
 RULE_KEYS = ("RuleId", "RuleName", "Tool", "Source", "SharedWith", "Tactics", "Techniques", "Patterns", "Path")
 ERROR_KEYS = ("Path", "Status", "Detail")
 PATH_KEYS = frozenset({"FolderPath", "FileName", "Path", "ProcessName"})
 # Statuses that mean part of what was asked for was not examined (the scan is incomplete).
 INCOMPLETE_STATUSES = ("ACCESS_DENIED", "TIMEOUT", "TOO_LARGE", "DIRECTORY_ERROR")
+
+
+def is_running(row: Mapping[str, Any]) -> bool:
+    """The row was observed as the image or a mapped file of a running process."""
+    return row.get("ProcessId") is not None
 
 
 def trust_verdict(row: Mapping[str, Any]) -> str:
@@ -145,6 +150,7 @@ def drill_records(result: Any) -> list[dict[str, Any]]:
     out = []
     for row in result.rows:
         rec = {**rule_tag(result.rule), **row_record(row)}
+        rec["Running"] = is_running(row)
         rec["Evidence"] = [evidence_record(e) for e in row.get("Evidence", ())]
         out.append(rec)
     return out
@@ -201,6 +207,7 @@ class Finding:
     first_seen: dt.datetime
     last_seen: dt.datetime
     gone_at: dt.datetime | None = None
+    running: bool = False  # seen as the image or a mapped file of a running process (Source "process")
 
 
 def _latest_first(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -243,6 +250,7 @@ def findings_of(results: Iterable[Any], gone: Mapping[tuple[str, str], dt.dateti
                 first_seen=min(stamps) if stamps else dt.datetime.min.replace(tzinfo=dt.UTC),
                 last_seen=max(stamps) if stamps else dt.datetime.min.replace(tzinfo=dt.UTC),
                 gone_at=(gone or {}).get((path, sha256)),
+                running=any(is_running(r) for r in rows),
             )
         )
     return sorted(findings, key=lambda f: (f.tool.casefold(), f.path, f.device_name))
@@ -265,6 +273,7 @@ def finding_record(finding: Finding) -> dict[str, Any]:
         "FirstSeen": finding.first_seen,
         "LastSeen": finding.last_seen,
         "GoneAt": finding.gone_at,
+        "Running": finding.running,
     }
 
 

@@ -134,6 +134,7 @@ def findings_table(findings: Sequence[Finding], width: int) -> tuple[list[Table]
     wide = width >= 150
     devices = {f.device_id for f in findings}
     show_gone = any(f.gone_at for f in findings)
+    show_running = any(f.running for f in findings)
     rows = []
     for f in findings:
         row = {}
@@ -148,6 +149,8 @@ def findings_table(findings: Sequence[Finding], width: int) -> tuple[list[Table]
                 "Signed": _when(f.signing_time, with_time=wide),
             }
         )
+        if show_running:
+            row["Running"] = "running" if f.running else "-"
         if show_gone:
             row["Gone"] = _when(f.gone_at, with_time=wide) if f.gone_at else "-"
         row["Rules"] = ",".join(str(legend[r.id][0]) for r in f.rules)

@@ -189,3 +189,29 @@ def test_helpers_for_other_command_modules_give_the_new_shapes():
     assert set(payload) == {"summary", "results", "errors"} and payload["results"][0]["Rows"]
     assert cli._result_records(results)[0]["RuleId"] == "p" and cli._drill_records(results)[0]["Tool"] == "Pulseway"
     assert "Pulseway" in cli._render_results(results, "table", False)
+
+
+def test_a_hit_on_a_running_process_is_marked_running_in_the_table_and_the_records():
+    from agent.rows import ProcessContext
+    from agent.views.records import drill_records, finding_record
+
+    data = (FIXTURES / "files" / "pulseway.exe").read_bytes()
+    facts = extract_stream(io.BytesIO(data), len(data), verifier=None)
+    running = build_rows(
+        facts, "/opt/p/Pulseway.exe", DEVICE, NOW, "process", ProcessContext(42, "Pulseway.exe", "root", "init")
+    )
+    on_disk = _rows("pulseway.exe", "/srv/pulseway.exe")
+    for n, row in enumerate(running, start=10):
+        row["ReportId"] = n
+    result = HuntResult(_Rule("p", "Pulseway"), {}, tuple(running) + tuple(on_disk))  # type: ignore[arg-type]
+    findings = findings_of([result])
+    assert {f.path: f.running for f in findings} == {"/opt/p/Pulseway.exe": True, "/srv/pulseway.exe": False}
+    assert [finding_record(f)["Running"] for f in findings] == [True, False]
+    assert {r["FolderPath"]: r["Running"] for r in drill_records(result)} == {
+        "/opt/p/Pulseway.exe": True,
+        "/srv/pulseway.exe": False,
+    }
+    buf = io.StringIO()
+    print_findings(findings, make_console(buf, width=200))
+    line = next(line for line in buf.getvalue().splitlines() if "/opt/p/Pulseway.exe" in line)
+    assert "running" in line
