@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from agent import __version__
 from agent.output import FORMATS, plain, render
 from agent.settings import ConfigError, Settings, load_settings
+from agent.sweep import cli as sweep_cli
 
 log = logging.getLogger("rmmhunt")
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser("check", help="validate rule files (and the config's exclusions)")
     _global_options(rc, suppress=True)
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
+    sweep_cli.add_parser(sub)
     return parser
 
 
@@ -401,7 +403,14 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
-COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
+COMMANDS = {
+    "scan": cmd_scan,
+    "hunt": cmd_hunt,
+    "rows": cmd_rows,
+    "explain": cmd_explain,
+    "rules": cmd_rules,
+    "sweep": sweep_cli.run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

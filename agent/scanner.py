@@ -151,6 +151,10 @@ def examine_path(
             os.close(fd)
 
 
+# sweep seam: (item, *, verifier, max_file_size, time_budget) -> the examine_path result
+Examine = Callable[..., tuple[str, FileFacts | None, str, tuple[int, int, int, int]]]
+
+
 class Scanner:
     def __init__(
         self,
@@ -164,6 +168,7 @@ class Scanner:
         reobserve_interval: float,
         source: str = "scan",
         clock: Clock = utc_now,
+        examine: Examine | None = None,
     ) -> None:
         self.store = store
         self.device = device
@@ -174,6 +179,8 @@ class Scanner:
         self.reobserve = dt.timedelta(seconds=reobserve_interval)
         self.source = source
         self.clock = clock
+        # sweep seam: a source that is not a host path (a disk image) reads its own items
+        self.examine_hook = examine
         self._cache: dict[str, CacheEntry] | None = None
         self._pending_cache: list[tuple[str, CacheEntry]] = []
 
@@ -185,6 +192,10 @@ class Scanner:
 
     # --- one file
     def _examine(self, item: WalkItem) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
+        if self.examine_hook is not None:  # sweep seam
+            return self.examine_hook(
+                item, verifier=self.verifier, max_file_size=self.max_file_size, time_budget=self.file_time_budget
+            )
         return examine_path(
             item.path,
             (item.st_dev, item.st_ino, item.size, item.mtime_ns),

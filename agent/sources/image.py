@@ -1,0 +1,234 @@
+"""Disk images through dissect.target: raw, E01, VMDK, VHD/VHDX and QCOW2 containers, their
+partition tables and filesystems (NTFS, FAT, ext...), read without mounting and without
+copying anything out. Each file is read as a stream straight from the image.
+
+Paths are the paths inside the image: ``C:\\Program Files\\x.exe`` when the drive letter can
+be told (a Windows installation maps its system volume), otherwise ``partition2\\dir\\x.exe``.
+Windows volumes (NTFS, FAT, exFAT) use the Windows convention (backslashes).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
+from agent.extract.sniff import HEADER_BYTES, classify
+from agent.sources.walk import WalkCounters, WalkItem
+
+log = logging.getLogger(__name__)
+
+WINDOWS_FS = frozenset({"ntfs", "fat", "exfat"})
+# NTFS metadata files at the volume root: the filesystem's own structures, never user files.
+NTFS_METAFILES = frozenset(
+    {"$mft", "$mftmirr", "$logfile", "$volume", "$attrdef", "$bitmap", "$boot", "$badclus", "$secure", "$upcase"}
+)
+NTFS_METADIRS = frozenset({"$extend"})
+
+
+class ImageError(Exception):
+    """The file is not a disk image dissect can open (one line for the CLI)."""
+
+
+@dataclass(frozen=True)
+class SweptVolume:
+    index: int  # 1-based, in the order dissect lists the filesystems
+    prefix: str  # "C:" or "partition2"
+    fs_type: str
+    windows: bool
+    volume_name: str  # the partition's own name (GPT name), or ""
+    offset: int
+    size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "path_prefix": self.prefix,
+            "filesystem": self.fs_type,
+            "windows": self.windows,
+            "volume_name": self.volume_name,
+            "offset": self.offset,
+            "size": self.size,
+        }
+
+
+Examined = tuple[str, FileFacts | None, str, tuple[int, int, int, int]]
+
+
+def examine_stream(
+    open_stream: Any,
+    ident: tuple[int, int, int, int],
+    *,
+    verifier: TrustVerifier | None,
+    max_file_size: int,
+    time_budget: float,
+) -> Examined:
+    """``examine_path`` for a file that is not a host path: same statuses, same caps and budget.
+    ``open_stream()`` returns a seekable binary stream. Never raises for the file's sake."""
+    size = ident[2]
+    try:
+        stream: BinaryIO = open_stream()
+    except FileNotFoundError as exc:
+        return "VANISHED", None, str(exc) or "not found in the image", ident
+    except Exception as exc:  # a damaged record in the image: the file cannot be read
+        return "ACCESS_DENIED", None, f"open failed: {exc}", ident
+    try:
+        if classify(stream.read(HEADER_BYTES)) is None:
+            return "NOT_PE", None, "", ident
+        if size > max_file_size:
+            return "TOO_LARGE", None, f"{size} bytes > cap {max_file_size}", ident
+        stream.seek(0)
+        facts = extract_stream(stream, size, verifier=verifier, time_budget=time_budget)
+        return facts.status, facts, facts.detail, ident
+    except Exception as exc:  # read errors from the container or the filesystem driver
+        return "ACCESS_DENIED", None, f"read failed: {exc}", ident
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 - closing a read-only stream must not hide the result
+            pass
+
+
+class ImageSource:
+    """One disk image opened with dissect.target: its volumes, a walk, and a way to open each file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if not log.isEnabledFor(logging.INFO):  # dissect's notes ("no OS plugin") are noise without -v
+            logging.getLogger("dissect").setLevel(logging.ERROR)
+        try:
+            from dissect.target import Target
+            from dissect.target.exceptions import TargetError
+
+            self.target = Target.open(Path(path))
+        except TargetError as exc:
+            raise ImageError(f"{path}: not a disk image dissect can open: {str(exc).splitlines()[0]}") from exc
+        except Exception as exc:
+            raise ImageError(f"{path}: cannot open as a disk image: {exc}") from exc
+        if not list(self.target.filesystems):
+            raise ImageError(f"{path}: no filesystem found in the image")
+        self.volumes: list[SweptVolume] = []
+        self._filesystems: list[Any] = []
+        letters = self._drive_letters()
+        for n, fs in enumerate(self.target.filesystems, start=1):
+            fs_type = str(getattr(fs, "__type__", "") or "").lower()
+            volume = getattr(fs, "volume", None)
+            windows = fs_type in WINDOWS_FS
+            prefix = letters.get(id(fs)) or f"partition{n}"
+            self.volumes.append(
+                SweptVolume(
+                    index=n,
+                    prefix=prefix,
+                    fs_type=fs_type,
+                    windows=windows,
+                    volume_name=str(getattr(volume, "name", "") or ""),
+                    offset=int(getattr(volume, "offset", 0) or 0),
+                    size=int(getattr(volume, "size", 0) or 0),
+                )
+            )
+            self._filesystems.append(fs)
+        self._current: tuple[str, Any] | None = None
+
+    def _drive_letters(self) -> dict[int, str]:
+        """id(filesystem) -> "C:" for the volumes the image's Windows installation maps."""
+        out: dict[int, str] = {}
+        try:
+            mounts = dict(self.target.fs.mounts)
+        except Exception:  # noqa: BLE001 - no OS detected: no letters
+            return out
+        for name, fs in mounts.items():
+            if len(name) == 2 and name[1] == ":" and name[0].isalpha():
+                out.setdefault(id(fs), name.upper())
+        if "sysvol" in mounts and id(mounts["sysvol"]) not in out:
+            out[id(mounts["sysvol"])] = "C:"
+        return out
+
+    @property
+    def image_type(self) -> str:
+        """The container type(s): raw, ewf, vmdk, vhd, vhdx, qcow2..."""
+        kinds = [str(getattr(d, "__type__", "") or type(d).__name__).lower() for d in self.target.disks]
+        return "+".join(dict.fromkeys(kinds)) or "unknown"
+
+    def open_filesystems(self) -> list[tuple[SweptVolume, Any]]:
+        return list(zip(self.volumes, self._filesystems, strict=True))
+
+    def display_path(self, volume: SweptVolume, inner: str) -> str:
+        """The path inside the image for a filesystem path ``/a/b``."""
+        rel = inner.strip("/")
+        if volume.windows:
+            return volume.prefix + "\\" + rel.replace("/", "\\")
+        return volume.prefix + "/" + rel
+
+    def iter_items(
+        self, *, counters: WalkCounters | None = None, errors: list[tuple[str, str]] | None = None
+    ) -> Iterator[WalkItem]:
+        """One item per non-directory entry of every filesystem in the image. Symlinks and NTFS
+        junctions are not followed; NTFS metadata files are not files to sweep."""
+        counters = counters if counters is not None else WalkCounters()
+        errors = errors if errors is not None else []
+        for volume, fs in self.open_filesystems():
+            stack = ["/"]
+            while stack:
+                directory = stack.pop()
+                counters.directories += 1
+                try:
+                    entries = sorted(fs.get(directory).scandir(), key=lambda e: e.name)
+                except Exception as exc:  # a damaged directory: record it and go on
+                    counters.directory_errors += 1
+                    errors.append((self.display_path(volume, directory), f"ACCESS_DENIED: {exc}"))
+                    continue
+                subdirs = []
+                for entry in entries:
+                    name = entry.name
+                    if name in (".", ".."):
+                        continue
+                    if directory == "/" and volume.fs_type == "ntfs":
+                        low = name.lower()
+                        if low in NTFS_METAFILES or low in NTFS_METADIRS:
+                            continue
+                    inner = directory.rstrip("/") + "/" + name
+                    shown = self.display_path(volume, inner)
+                    try:
+                        if entry.is_symlink() or entry.is_junction():
+                            counters.symlinks_skipped += 1
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(inner)
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError as exc:
+                        yield WalkItem(shown, status="VANISHED", detail=str(exc) or "entry unreadable")
+                        continue
+                    except Exception as exc:
+                        yield WalkItem(shown, status="ACCESS_DENIED", detail=f"entry unreadable: {exc}")
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        yield WalkItem(shown, status="NOT_PE", detail="special file: not read")
+                        continue
+                    mtime_ns = int(getattr(st, "st_mtime_ns", 0) or int((st.st_mtime or 0) * 1e9))
+                    self._current = (shown, entry)
+                    yield WalkItem(
+                        shown,
+                        st_dev=volume.index,
+                        st_ino=int(st.st_ino or 0),
+                        size=int(st.st_size or 0),
+                        mtime_ns=mtime_ns,
+                    )
+                stack.extend(reversed(subdirs))
+
+    def examine(
+        self, item: WalkItem, *, verifier: TrustVerifier | None, max_file_size: int, time_budget: float
+    ) -> Examined:
+        """Read one walked item from the image (the Scanner's ``examine`` hook)."""
+        ident = (item.st_dev, item.st_ino, item.size, item.mtime_ns)
+        current = self._current
+        if current is None or current[0] != item.path:
+            return "VANISHED", None, "not the entry being walked", ident
+        entry = current[1]
+        return examine_stream(
+            lambda: entry.get().open(), ident, verifier=verifier, max_file_size=max_file_size, time_budget=time_budget
+        )
