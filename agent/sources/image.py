@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import stat
+import struct
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -93,59 +95,117 @@ def examine_stream(
             pass
 
 
+def open_ci(fs: Any, parts: tuple[str, ...]) -> BinaryIO | None:
+    """Open ``parts`` on a dissect filesystem, matching each component case-insensitively as
+    Windows does; None when absent or unreadable."""
+    try:
+        entry = fs.get("/")
+        for part in parts:
+            entry = next((e.get() for e in entry.scandir() if e.name.lower() == part.lower()), None)
+            if entry is None:
+                return None
+        return entry.open()
+    except Exception:  # noqa: BLE001 - no such file in this filesystem
+        return None
+
+
 class ImageSource:
     """One disk image opened with dissect.target: its volumes, a walk, and a way to open each file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        if not log.isEnabledFor(logging.INFO):  # dissect's notes ("no OS plugin") are noise without -v
+        if not log.isEnabledFor(logging.INFO):  # dissect's notes are noise without -v
             logging.getLogger("dissect").setLevel(logging.ERROR)
         try:
             from dissect.target import Target
-            from dissect.target.exceptions import TargetError
 
-            self.target = Target.open(Path(path))
-        except TargetError as exc:
-            raise ImageError(f"{path}: not a disk image dissect can open: {str(exc).splitlines()[0]}") from exc
+            # Containers, partition tables and filesystems only: dissect's OS plugins (which import
+            # every plugin, seconds of start-up) are not needed; the registry is read here.
+            self.target = Target.open(Path(path), apply=False)
+            self.target.disks.apply()
+            self.target.volumes.apply()
+            self.target.filesystems.apply()
         except Exception as exc:
-            raise ImageError(f"{path}: cannot open as a disk image: {exc}") from exc
-        if not list(self.target.filesystems):
+            first = (str(exc) or type(exc).__name__).splitlines()[0]
+            raise ImageError(f"{path}: not a disk image dissect can open: {first}") from exc
+        filesystems = list(self.target.filesystems)
+        if not filesystems:
             raise ImageError(f"{path}: no filesystem found in the image")
         self.volumes: list[SweptVolume] = []
-        self._filesystems: list[Any] = []
-        letters = self._drive_letters()
-        for n, fs in enumerate(self.target.filesystems, start=1):
+        self._filesystems: list[Any] = filesystems
+        for n, fs in enumerate(filesystems, start=1):
             fs_type = str(getattr(fs, "__type__", "") or "").lower()
             volume = getattr(fs, "volume", None)
-            windows = fs_type in WINDOWS_FS
-            prefix = letters.get(id(fs)) or f"partition{n}"
             self.volumes.append(
                 SweptVolume(
                     index=n,
-                    prefix=prefix,
+                    prefix=f"partition{n}",
                     fs_type=fs_type,
-                    windows=windows,
+                    windows=fs_type in WINDOWS_FS,
                     volume_name=str(getattr(volume, "name", "") or ""),
                     offset=int(getattr(volume, "offset", 0) or 0),
                     size=int(getattr(volume, "size", 0) or 0),
                 )
             )
-            self._filesystems.append(fs)
         self._current: tuple[str, Any] | None = None
+        self.windows_volume: int | None = None  # index of the volume holding the Windows installation
+        self._assign_drive_letters()
 
-    def _drive_letters(self) -> dict[int, str]:
-        """id(filesystem) -> "C:" for the volumes the image's Windows installation maps."""
-        out: dict[int, str] = {}
+    def _assign_drive_letters(self) -> None:
+        """Name the volumes of a Windows installation by their drive letters: the system volume
+        from SystemRoot (SOFTWARE hive), the others from MountedDevices (SYSTEM hive: an MBR
+        disk signature and partition offset, or a GPT partition GUID)."""
+        from agent.sweep.identity import SOFTWARE_HIVE, SYSTEM_HIVE, parse_mounted_devices, parse_system_root
+
+        for volume, fs in self.open_filesystems():
+            if not volume.windows:
+                continue
+            software = open_ci(fs, SOFTWARE_HIVE)
+            system = open_ci(fs, SYSTEM_HIVE)
+            if software is None and system is None:
+                continue
+            self.windows_volume = volume.index
+            letters: dict[int, str] = {}
+            try:
+                if software is not None:
+                    with software:
+                        root = parse_system_root(software)
+                    if len(root) >= 2 and root[1] == ":":
+                        letters[volume.index] = root[:2].upper()
+                if system is not None:
+                    with system:
+                        mounted = parse_mounted_devices(system)
+                    for other in self.volumes:
+                        key = self._mount_key(other)
+                        for letter, value in mounted.items():
+                            if key and value == key and other.index not in letters:
+                                letters[other.index] = letter
+            except Exception as exc:  # noqa: BLE001 - a damaged hive: partitions keep their numbers
+                log.warning("cannot read drive letters from %s: %s", self.path, exc)
+            letters.setdefault(volume.index, "C:")
+            self.volumes = [replace(v, prefix=letters.get(v.index, v.prefix)) for v in self.volumes]
+            return
+
+    def _mount_key(self, volume: SweptVolume) -> bytes:
+        """The MountedDevices value Windows stores for this volume ("" when it cannot be told)."""
+        raw = self._filesystems[volume.index - 1]
+        vol = getattr(raw, "volume", None)
+        guid = getattr(vol, "guid", None)
+        if guid:
+            try:
+                return b"DMIO:ID:" + uuid.UUID(str(guid)).bytes_le
+            except ValueError:
+                return b""
+        vs = getattr(vol, "vs", None)
+        disk = getattr(vs, "fh", None) or (self.target.disks[0] if len(self.target.disks) else None)
+        if vs is None or disk is None:
+            return b""
         try:
-            mounts = dict(self.target.fs.mounts)
-        except Exception:  # noqa: BLE001 - no OS detected: no letters
-            return out
-        for name, fs in mounts.items():
-            if len(name) == 2 and name[1] == ":" and name[0].isalpha():
-                out.setdefault(id(fs), name.upper())
-        if "sysvol" in mounts and id(mounts["sysvol"]) not in out:
-            out[id(mounts["sysvol"])] = "C:"
-        return out
+            disk.seek(440)
+            signature = disk.read(4)
+        except Exception:  # noqa: BLE001
+            return b""
+        return signature + struct.pack("<Q", volume.offset)
 
     @property
     def image_type(self) -> str:

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,36 +129,16 @@ def _image_size(path: str) -> int:
 
 
 def _image_registry(image: Any) -> RegistryIdentity:
-    """The identity of the first Windows installation found on the image's volumes."""
+    """The identity of the Windows installation found on the image's volumes, if any."""
+    from agent.sources.image import open_ci
+
     for volume, fs in image.open_filesystems():
         if not volume.windows:
             continue
-
-        def open_hive(parts: tuple[str, ...], fs: Any = fs) -> Any:
-            path = "/" + "/".join(parts)
-            try:
-                entry = fs.get(path)
-            except Exception:  # noqa: BLE001 - no such hive on this volume
-                entry = _ci_get(fs, parts)
-            return entry.open() if entry is not None else None
-
-        found = explain_registry_identity(open_hive, f"{volume.prefix} of the image")
+        found = explain_registry_identity(partial(open_ci, fs), f"{volume.prefix} of the image")
         if found.computer_name or found.machine_guid:
             return found
     return RegistryIdentity()
-
-
-def _ci_get(fs: Any, parts: tuple[str, ...]) -> Any:
-    """A filesystem entry matched case-insensitively, component by component (None if absent)."""
-    entry = fs.get("/")
-    for part in parts:
-        try:
-            entry = next((e.get() for e in entry.scandir() if e.name.lower() == part.lower()), None)
-        except Exception:  # noqa: BLE001
-            return None
-        if entry is None:
-            return None
-    return entry
 
 
 def run_sweep(

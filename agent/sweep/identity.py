@@ -86,6 +86,31 @@ def parse_software_hive(stream: BinaryIO) -> str:
     return _value(RegistryHive(stream), "Microsoft\\Cryptography", "MachineGuid")
 
 
+def parse_system_root(stream: BinaryIO) -> str:
+    """SystemRoot (``C:\\Windows``) from a SOFTWARE hive: the system volume's drive letter."""
+    from dissect.regf import RegistryHive
+
+    return _value(RegistryHive(stream), "Microsoft\\Windows NT\\CurrentVersion", "SystemRoot")
+
+
+def parse_mounted_devices(stream: BinaryIO) -> dict[str, bytes]:
+    """``{"D:": value}`` from a SYSTEM hive's MountedDevices: the value is the MBR disk signature
+    and partition offset (12 bytes) or ``DMIO:ID:`` and the GPT partition GUID."""
+    from dissect.regf import RegistryHive
+
+    out: dict[str, bytes] = {}
+    try:
+        key = RegistryHive(stream).open("MountedDevices")
+    except Exception:  # noqa: BLE001 - no MountedDevices key
+        return out
+    for value in key.values():
+        name = str(value.name)
+        data = value.value
+        if name.startswith("\\DosDevices\\") and len(name) == 14 and isinstance(data, bytes):
+            out[name[-2:].upper()] = data
+    return out
+
+
 def explain_registry_identity(open_hive: Callable[[tuple[str, ...]], BinaryIO | None], where: str) -> RegistryIdentity:
     """Read both hives through ``open_hive(parts)`` (None when absent); never raises."""
     name = guid = ""
