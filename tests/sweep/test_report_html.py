@@ -78,7 +78,8 @@ def test_hostile_values_are_escaped_in_the_markup():
 
 
 def test_report_renders_offline_in_chromium_sorts_filters_and_stays_inert(report_file, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     requests: list[str] = []
     dialogs: list[str] = []
     with sync_api.sync_playwright() as pw:
