@@ -8,6 +8,7 @@ The bundle passphrase comes from RMMHUNT_BUNDLE_PASSPHRASE or a prompt, never fr
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import logging
 import os
@@ -164,6 +165,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         f"errors {stats['errors_total']}\nbundle: {args.out}" + (" (AES-256)" if passphrase else ""),
         file=sys.stderr,
     )
+    # dissect's parsed NTFS structures live in instance-level lru_caches (reference cycles);
+    # without this the cyclic GC spends seconds on them at interpreter exit (13 s measured
+    # after a 3000-file image). Everything is written; nothing needs collecting any more.
+    gc.freeze()
     return EXIT_FINDINGS if outcome.results else EXIT_CLEAN
 
 
