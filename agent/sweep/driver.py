@@ -30,6 +30,14 @@ from agent.sweep.identity import (
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY_FILES = 2000
+#: A sweep's ReportIds start at (sweep start, whole seconds since the epoch) * 2**20, so they
+#: never collide with the swept machine's own agent (a counter from 1) nor with another sweep
+#: of it, stay below 2**53 (exact in JavaScript), and re-importing one bundle repeats them.
+REPORT_ID_SHIFT = 20
+
+
+def report_id_base(started: dt.datetime) -> int:
+    return int(started.timestamp()) << REPORT_ID_SHIFT
 
 
 class SweepError(Exception):
@@ -197,6 +205,7 @@ def run_sweep(
     dir_errors: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="rmmhunt-sweep-") as tmp:
         with Store(Path(tmp) / "sweep.sqlite3") as store:
+            store.allocate(device.device_id, "ReportId", report_id_base(started))
             scanner = Scanner(
                 store,
                 device,

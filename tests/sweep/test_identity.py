@@ -70,3 +70,16 @@ def test_a_damaged_hive_gives_no_identity_not_a_failed_sweep(tmp_path):
     (config / "SYSTEM").write_bytes(b"regf" + b"\xff" * 5000)
     outcome = run_sweep(str(root), load_settings(state_dir=str(tmp_path / "state")))
     assert outcome.device.device_name == "mnt" and outcome.device.name_source.startswith("source name")
+
+
+def test_sweep_report_ids_never_collide_with_the_agents_own_counter(tmp_path):
+    from agent.sweep.driver import REPORT_ID_SHIFT
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shutil.copy(FIXTURES / "files" / "pulseway.exe", tree / "pulseway.exe")
+    outcome = run_sweep(str(tree), load_settings(state_dir=str(tmp_path / "state")), device_name="ir-host-01")
+    ids = [r["ReportId"] for r in outcome.rows]
+    base = int(outcome.started.timestamp()) << REPORT_ID_SHIFT
+    assert ids and all(base < i < base + (1 << REPORT_ID_SHIFT) for i in ids) and max(ids) < 2**53
+    assert len(set(ids)) == len(ids)

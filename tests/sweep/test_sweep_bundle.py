@@ -204,3 +204,37 @@ def test_device_id_option_and_bad_values_are_one_line_errors(tmp_path):
     garbage = tmp_path / "garbage.zip"
     garbage.write_bytes(b"not a zip")
     assert rmmhunt("sweep", "--verify", str(garbage)).returncode == 2
+
+
+def test_progress_is_shown_on_a_terminal_and_not_otherwise(tmp_path):
+    import pty
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "pulseway.exe").write_bytes((FIXTURES / "files" / "pulseway.exe").read_bytes())
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "sweep", str(tree), "--out", str(tmp_path / "t.zip")],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, timeout=120,
+        )  # fmt: skip
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 1
+    assert "sweeping" in shown and "swept 1 files" in shown
+    piped = rmmhunt("sweep", str(tree), "--out", str(tmp_path / "p.zip"))
+    assert "sweeping" not in piped.stderr and "\r" not in piped.stderr
