@@ -10,14 +10,14 @@ DEB_STAMP := $(VENV)/.debs
 DEB_PACKAGES := openssl osslsigncode wixl
 SCAN_ARGS ?=
 
-.PHONY: install debs scan test lint fixtures bench fuzz catalog-report clean
+.PHONY: install debs scan test lint fixtures bench fuzz catalog-report build clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,bench,build]'
 	@touch $@
 	@echo "installed: $(BIN)/rmmhunt"
 
@@ -64,8 +64,13 @@ N ?= 100000
 fuzz: install
 	$(BIN)/python tests/fuzz/harness.py --cases $(N)
 
+# The one-file binary dist/rmmhunt from build/rmmhunt.spec (data found through agent/resources.py).
+build: install
+	$(BIN)/python -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/work build/rmmhunt.spec
+	@ls -l dist/rmmhunt
+
 catalog-report: install
 	$(BIN)/python -m agent.catalog_report
 
 clean:
-	rm -rf $(VENV) build/dist build/work
+	rm -rf $(VENV) build/dist build/work dist

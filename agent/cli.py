@@ -30,6 +30,7 @@ from agent.output import (
 from agent.service import cli as runtime_cli
 from agent.settings import ConfigError, Settings, load_settings
 from agent.store import StoreError
+from agent.sweep import cli as sweep_cli
 
 log = logging.getLogger("rmmhunt")
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cli.add_parser(sub, _global_options)
     store_cli.add_parser(sub)
     runtime_cli.add_parser(sub, _global_options)
+    sweep_cli.add_parser(sub)
     return parser
 
 
@@ -629,6 +631,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
 COMMANDS["config"] = config_cli.run
 COMMANDS["store"] = store_cli.run
+COMMANDS["sweep"] = sweep_cli.run
 COMMANDS.update(dict.fromkeys(runtime_cli.COMMAND_NAMES, runtime_cli.run))
 
 

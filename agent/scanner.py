@@ -205,6 +205,10 @@ def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep) for root in roots)
 
 
+# sweep seam: (item, *, verifier, max_file_size, time_budget) -> the examine_path result
+Examine = Callable[..., tuple[str, FileFacts | None, str, tuple[int, int, int, int]]]
+
+
 class Scanner:
     def __init__(
         self,
@@ -219,6 +223,7 @@ class Scanner:
         source: str = "scan",
         clock: Clock = utc_now,
         caps: Mapping[str, int] | None = None,
+        examine: Examine | None = None,
     ) -> None:
         self.caps = dict(caps or {})  # certificate-table caps for extract_stream (Settings.extract_caps)
         self.store = store
@@ -230,6 +235,8 @@ class Scanner:
         self.reobserve = dt.timedelta(seconds=reobserve_interval)
         self.source = source
         self.clock = clock
+        # sweep seam: a source that is not a host path (a disk image) reads its own items
+        self.examine_hook = examine
         self._cache: dict[str, CacheEntry] | None = None
         self._pending_cache: list[tuple[str, CacheEntry]] = []
         # During a scan: what each previously signed path holds now (bounded by signed files).
@@ -246,6 +253,14 @@ class Scanner:
 
     # --- one file
     def _examine(self, item: WalkItem) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
+        if self.examine_hook is not None:  # sweep seam
+            return self.examine_hook(
+                item,
+                verifier=self.verifier,
+                max_file_size=self.max_file_size,
+                time_budget=self.file_time_budget,
+                caps=self.caps,
+            )
         return examine_path(
             item.path,
             (item.st_dev, item.st_ino, item.size, item.mtime_ns),

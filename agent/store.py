@@ -545,6 +545,11 @@ class Store:
             (device_id, name, value),
         )
 
+    def raise_report_ids(self, device_id: str, floor: int) -> None:
+        """The next ReportId of ``device_id`` is above ``floor`` (a sweep numbers its rows from a base of its
+        own, so they never collide with the swept machine's agent counter). Never lowers the counter."""
+        self._raise_counter(device_id, "ReportId", floor)
+
     def _next_report_id(self, device_id: str) -> int:
         """Above the counter, above every stored ReportId (a counter found behind heals here) and above
         the floor a repair sets when it could not read the counters (``report_id_floor`` in meta)."""
