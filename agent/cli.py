@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import __version__
+from agent import __version__, forward_cli
 from agent.output import FORMATS, plain, render
 from agent.settings import ConfigError, Settings, load_settings
+from collector import cli as collector_cli  # fleet: the collector's commands (its CLI imports agent, lazily)
 
 log = logging.getLogger("rmmhunt")
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser("check", help="validate rule files (and the config's exclusions)")
     _global_options(rc, suppress=True)
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
+    forward_cli.add_parser(sub), collector_cli.add_parser(sub)  # fleet
     return parser
 
 
@@ -402,6 +404,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
+COMMANDS.update(forward=forward_cli.run, collector=collector_cli.run)  # fleet
 
 
 def main(argv: Sequence[str] | None = None) -> int:

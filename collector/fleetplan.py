@@ -25,8 +25,8 @@ from typing import Any
 
 from agent.rules.kql import Query
 from agent.rules.kql_parser import (
-    Ago,
     Aggregate,
+    Ago,
     And,
     Arith,
     Column,
@@ -148,8 +148,9 @@ def _split_window(predicate: Expr) -> tuple[list[WindowTerm], list[Expr]]:
 def _and(items: list[Expr], like: Expr) -> Expr:
     if len(items) == 1:
         return items[0]
-    return And(type="bool", text=" and ".join(i.text for i in items), line=like.line, column=like.column,
-               items=tuple(items))
+    return And(
+        type="bool", text=" and ".join(i.text for i in items), line=like.line, column=like.column, items=tuple(items)
+    )
 
 
 def parse_fleet_plan(rule: Rule) -> FleetPlan:

@@ -70,8 +70,9 @@ cert_rows = sa.Table(
     "cert_rows",
     metadata,
     *(
-        sa.Column(name, _SA_TYPES[COLUMN_TYPES[name]](), primary_key=name in ("DeviceId", "ReportId"),
-                  autoincrement=False)
+        sa.Column(
+            name, _SA_TYPES[COLUMN_TYPES[name]](), primary_key=name in ("DeviceId", "ReportId"), autoincrement=False
+        )
         for name in COLUMN_NAMES
     ),
     sa.Index("cert_rows_ts", "Timestamp"),
@@ -305,8 +306,9 @@ class Collector:
             values = {"device_name": device_name, "node_key_hash": hash_node_key(node_key), "enrolled_at": now}
             if existing is None:
                 conn.execute(
-                    sa.insert(devices).values(device_id=device_id, revoked=False, rows_received=0, dropped_rows=0,
-                                              **values)
+                    sa.insert(devices).values(
+                        device_id=device_id, revoked=False, rows_received=0, dropped_rows=0, **values
+                    )
                 )
             else:
                 conn.execute(sa.update(devices).where(devices.c.device_id == device_id).values(**values))
@@ -384,8 +386,10 @@ class Collector:
                         "device_id": row["DeviceId"],
                         "report_id": row["ReportId"],
                         "evidence": json.dumps(
-                            [{"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
-                             for e in evidence],
+                            [
+                                {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
+                                for e in evidence
+                            ],
                             ensure_ascii=False,
                             default=str,
                         ),
@@ -441,7 +445,11 @@ class Collector:
 
     # --- reading rows
     def iter_rows(
-        self, *, device_id: str | None = None, since: dt.datetime | None = None, limit: int | None = None,
+        self,
+        *,
+        device_id: str | None = None,
+        since: dt.datetime | None = None,
+        limit: int | None = None,
         offset: int = 0,
     ) -> Iterator[dict[str, Any]]:
         query = sa.select(*[cert_rows.c[n] for n in COLUMN_NAMES])
@@ -580,7 +588,12 @@ class Collector:
         return [FleetResult(plan.rule, result) for result in plan.rule.query.run(rows, now=now)]
 
     def rule_rows(
-        self, rule_id: str, *, version: str | None = None, now: dt.datetime | None = None, conn: Connection | None = None,
+        self,
+        rule_id: str,
+        *,
+        version: str | None = None,
+        now: dt.datetime | None = None,
+        conn: Connection | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """The stored rows that hit a rule (inside its time window when the rule has one in SQL),
@@ -620,3 +633,108 @@ def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table).on_conflict_do_nothing()
+
+
+# --- dashboard matrix (devices x tools), computed in SQL
+
+
+@dataclass(frozen=True)
+class MatrixCell:
+    device_id: str
+    device_name: str
+    rule_id: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    count: int
+    running: int
+    untrusted: int
+
+
+def _running(conn_dialect: str) -> Any:
+    return sa.case((sa.or_(cert_rows.c.ProcessId.is_not(None), cert_rows.c.ProcessName != ""), 1), else_=0)
+
+
+def _untrusted() -> Any:
+    return sa.case((cert_rows.c.IsTrusted.is_(True), 0), else_=1)
+
+
+def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
+    version = collector.hits_ruleset() or collector.ruleset
+    query = (
+        sa.select(
+            cert_rows.c.DeviceId,
+            cert_rows.c.DeviceName,
+            hits.c.rule_id,
+            sa.func.min(cert_rows.c.Timestamp),
+            sa.func.max(cert_rows.c.Timestamp),
+            sa.func.count(),
+            sa.func.sum(_running("")),
+            sa.func.sum(_untrusted()),
+        )
+        .select_from(collector._joined())
+        .where(
+            hits.c.ruleset == version,
+            cert_rows.c.Timestamp >= _naive_utc(since),
+            sa.not_(sa.func.coalesce(cert_rows.c.Excluded, False)),
+        )
+        .group_by(cert_rows.c.DeviceId, cert_rows.c.DeviceName, hits.c.rule_id)
+    )
+    with collector.engine.connect() as conn:
+        return [
+            MatrixCell(
+                r[0],
+                r[1],
+                r[2],
+                _aware(Collector._value("Timestamp", r[3])),
+                _aware(Collector._value("Timestamp", r[4])),
+                int(r[5]),
+                int(r[6] or 0),
+                int(r[7] or 0),
+            )
+            for r in conn.execute(query)
+        ]
+
+
+def cell_files(
+    collector: Collector, device_id: str, rule_ids: Sequence[str], since: dt.datetime
+) -> list[dict[str, Any]]:
+    """The files behind one matrix cell: path, SHA-256, signer, trust, first/last seen, running."""
+    version = collector.hits_ruleset() or collector.ruleset
+    query = (
+        sa.select(
+            cert_rows.c.FolderPath,
+            cert_rows.c.SHA256,
+            cert_rows.c.Signer,
+            sa.func.min(_untrusted()),
+            sa.func.max(_untrusted()),
+            sa.func.min(cert_rows.c.Timestamp),
+            sa.func.max(cert_rows.c.Timestamp),
+            sa.func.max(_running("")),
+            sa.func.count(),
+        )
+        .select_from(collector._joined())
+        .where(
+            hits.c.ruleset == version,
+            hits.c.rule_id.in_(list(rule_ids)),
+            cert_rows.c.DeviceId == device_id,
+            cert_rows.c.Timestamp >= _naive_utc(since),
+            sa.not_(sa.func.coalesce(cert_rows.c.Excluded, False)),
+        )
+        .group_by(cert_rows.c.FolderPath, cert_rows.c.SHA256, cert_rows.c.Signer)
+        .order_by(cert_rows.c.FolderPath)
+        .limit(1000)
+    )
+    with collector.engine.connect() as conn:
+        return [
+            {
+                "FolderPath": r[0],
+                "SHA256": r[1],
+                "Signer": r[2],
+                "Trust": "trusted" if r[4] == 0 else ("untrusted" if r[3] == 1 else "mixed"),
+                "FirstSeen": Collector._value("Timestamp", r[5]),
+                "LastSeen": Collector._value("Timestamp", r[6]),
+                "Running": bool(r[7]),
+                "Count": int(r[8]),
+            }
+            for r in conn.execute(query)
+        ]

@@ -43,8 +43,9 @@ def postgres_url() -> Iterator[str]:
     bindir = _pg_bin()
     if os.geteuid() == 0:
         if subprocess.run(["id", "-u", PG_USER], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
-                           check=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER], check=True
+            )
     base = Path(tempfile.mkdtemp(prefix="rmmhunt-pg-"))
     os.chmod(base, 0o755)
     data = base / "data"
@@ -52,14 +53,28 @@ def postgres_url() -> Iterator[str]:
         shutil.chown(base, PG_USER)
     port = free_port()
     subprocess.run(
-        _as_user([str(bindir / "initdb"), "-D", str(data), "-U", "rmmhunt", "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--locale=C.UTF-8"]),
-        check=True, capture_output=True,
+        _as_user(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "rmmhunt",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C.UTF-8",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
     subprocess.run(
         _as_user([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"]),
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     try:
         import psycopg
@@ -68,8 +83,9 @@ def postgres_url() -> Iterator[str]:
             conn.execute("CREATE DATABASE rmmhunt")
         yield f"postgresql://rmmhunt@127.0.0.1:{port}/rmmhunt"
     finally:
-        subprocess.run(_as_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
