@@ -241,9 +241,8 @@ class Store:
 
     def outbox_policy(self) -> tuple[str, int] | None:
         """(forward mode, max outbox bytes), or None while forwarding is not set up."""
-        got = dict(
-            self.db.execute("SELECT key, value FROM meta WHERE key IN ('outbox_forward', 'outbox_max_bytes')").fetchall()
-        )
+        sql = "SELECT key, value FROM meta WHERE key IN ('outbox_forward', 'outbox_max_bytes')"
+        got = dict(self.db.execute(sql).fetchall())
         if "outbox_forward" not in got:
             return None
         return got["outbox_forward"], int(got.get("outbox_max_bytes", 0))
@@ -299,9 +298,8 @@ class Store:
     def outbox_backfill(self) -> int:
         """Queue the rows stored before forwarding was set up (by the policy); returns the count."""
         self.db.execute(self._OUTBOX_DDL)
-        hit_keys = {
-            (d, r) for d, r in self.db.execute("SELECT DISTINCT device_id, report_id FROM hits WHERE excluded_by IS NULL")
-        }
+        sql = "SELECT DISTINCT device_id, report_id FROM hits WHERE excluded_by IS NULL"
+        hit_keys = {(d, r) for d, r in self.db.execute(sql)}
         queued = 0
         batch: list[dict[str, Any]] = []
         for row in self.iter_rows():
