@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -22,8 +23,14 @@ def collector_env() -> dict[str, str]:
 
 
 class LiveCollector:
-    def __init__(self, state_dir: Path, port: int, database: str | None = None, tls: tuple[Path, Path] | None = None,
-                 ca_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int,
+        database: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.port = port
         self.database = database
@@ -35,8 +42,17 @@ class LiveCollector:
         self.url = f"{scheme}://{host}:{port}"
 
     def start(self, timeout: float = 30.0) -> LiveCollector:
-        cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(self.state_dir), "collector", "serve",
-               "--listen", f"127.0.0.1:{self.port}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "--state-dir",
+            str(self.state_dir),
+            "collector",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+        ]
         if self.database:
             cmd += ["--database", self.database]
         if self.tls:
@@ -44,12 +60,12 @@ class LiveCollector:
         self.log = open(self.state_dir.parent / f"collector-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=collector_env(), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        verify: object = str(self.ca_file) if self.ca_file else True
+        verify = self._verify()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"collector exited: {self.proc.returncode}")
             try:
-                httpx.get(self.url + "/openapi.json", timeout=1, verify=verify)  # type: ignore[arg-type]
+                httpx.get(self.url + "/openapi.json", timeout=1, verify=verify)
                 return self
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -70,9 +86,11 @@ class LiveCollector:
         if getattr(self, "log", None):
             self.log.close()
 
-    def client(self, **kw: object) -> httpx.Client:
-        verify: object = str(self.ca_file) if self.ca_file else True
-        return httpx.Client(base_url=self.url, timeout=30, verify=verify, **kw)  # type: ignore[arg-type]
+    def _verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, verify=self._verify())
 
     def __enter__(self) -> LiveCollector:
         return self.start()

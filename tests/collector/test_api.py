@@ -30,8 +30,9 @@ def live(tmp_path_factory):
 
 
 def _enroll(client, n: int) -> str:
-    r = client.post("/api/v1/enroll", json={"enroll_secret": ENROLL_SECRET, "device_id": device_id(n),
-                                            "device_name": f"host-{n}"})
+    r = client.post(
+        "/api/v1/enroll", json={"enroll_secret": ENROLL_SECRET, "device_id": device_id(n), "device_name": f"host-{n}"}
+    )
     assert r.status_code == 200, r.text
     return r.json()["node_key"]
 
@@ -92,8 +93,9 @@ def test_refusals_are_4xx_and_memory_stays_bounded(live):
         long_row = make_row(2, 2, "x" * (Limits().max_field_chars + 1), now)
         assert _post(c, _batch(key, [long_row])).status_code == 422
         assert _post(c, _batch(key, [{**plain(make_row(2, 3, "x", now)), "Evil": 1}])).status_code == 422
-        assert _post(c, _batch(key, [{**plain(make_row(2, 3, "x", now)), "ReportId": "1; DROP TABLE"}])).status_code \
-            == 422
+        assert (
+            _post(c, _batch(key, [{**plain(make_row(2, 3, "x", now)), "ReportId": "1; DROP TABLE"}])).status_code == 422
+        )
         too_many = [{"DeviceId": device_id(2)}] * (Limits().max_rows_per_batch + 1)
         assert _post(c, _batch(key, too_many)).status_code == 413
         assert _post(c, b"0" * (Limits().max_request_bytes + 10), gz=False).status_code == 413
@@ -129,12 +131,26 @@ def test_revoked_device_cannot_send_and_secrets_never_in_argv(live):
     with live.client() as c:
         key = _enroll(c, 5)
         rc = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "--state-dir", str(live.state_dir), "collector", "devices", "revoke",
-             device_id(5)], env=collector_env(), capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "--state-dir",
+                str(live.state_dir),
+                "collector",
+                "devices",
+                "revoke",
+                device_id(5),
+            ],
+            env=collector_env(),
+            capture_output=True,
+            text=True,
         )
         assert rc.returncode == 0, rc.stderr
         assert _post(c, _batch(key, [make_row(5, 1, "x", now)])).status_code == 401
-        assert c.post("/api/v1/enroll", json={"enroll_secret": ENROLL_SECRET, "device_id": device_id(5)}).status_code \
+        assert (
+            c.post("/api/v1/enroll", json={"enroll_secret": ENROLL_SECRET, "device_id": device_id(5)}).status_code
             == 403
+        )
     cmdline = " ".join(psutil.Process(live.proc.pid).cmdline())
     assert ENROLL_SECRET not in cmdline and API_TOKEN not in cmdline
