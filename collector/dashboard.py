@@ -31,35 +31,20 @@ def _since(days: float) -> dt.datetime:
 
 
 def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
-    """Cells per (device, tool): the rules of one tool merged. Pure over the SQL aggregates."""
-    rules = {r.id: r for r in collector.rules}
+    """Cells per (device, tool), aggregated in SQL, with the devices and tools they name."""
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     device_names: dict[str, str] = {}
     for c in matrix_cells(collector, _since(days)):
-        rule = rules.get(c.rule_id)
-        if rule is None:
-            continue
         device_names[c.device_id] = c.device_name
-        key = (c.device_id, rule.tool)
-        cell = cells.get(key)
-        if cell is None:
-            cells[key] = {
-                "DeviceId": c.device_id,
-                "Tool": rule.tool,
-                "FirstSeen": c.first_seen,
-                "LastSeen": c.last_seen,
-                "Count": c.count,
-                "Running": c.running > 0,
-                "Untrusted": c.untrusted > 0,
-                "Rules": [rule.id],
-            }
-        else:
-            cell["FirstSeen"] = min(cell["FirstSeen"], c.first_seen)
-            cell["LastSeen"] = max(cell["LastSeen"], c.last_seen)
-            cell["Count"] += c.count
-            cell["Running"] = cell["Running"] or c.running > 0
-            cell["Untrusted"] = cell["Untrusted"] or c.untrusted > 0
-            cell["Rules"].append(rule.id)
+        cells[(c.device_id, c.tool)] = {
+            "DeviceId": c.device_id,
+            "Tool": c.tool,
+            "FirstSeen": c.first_seen,
+            "LastSeen": c.last_seen,
+            "Count": c.count,
+            "Running": c.running > 0,
+            "Untrusted": c.untrusted > 0,
+        }
     tools: dict[str, set[str]] = {}
     for rule in collector.rules:
         tools.setdefault(rule.tool, set()).update(rule.techniques)

@@ -36,6 +36,7 @@ from agent.rules.kql_parser import (
     ExtendStage,
     Neg,
     Now,
+    Or,
     ParsedQuery,
     ProjectStage,
     SummarizeStage,
@@ -43,6 +44,7 @@ from agent.rules.kql_parser import (
     parse_kql,
 )
 from agent.rules.loader import Rule
+from agent.rules.terms import split_terms
 from agent.schema import COLUMN_TYPES
 
 WINDOW_OPS = ("between", "!between", "<", "<=", ">", ">=")
@@ -83,6 +85,9 @@ class FleetPlan:
     ingest: Query  # the row filter without the time window
     sql: SqlSummarize | None  # None: this rule is evaluated in Python
     reason: str = ""  # why sql is None
+    # a necessary condition of the ingest filter: (column, first terms) such that a row can only
+    # pass when one of these terms is among the column's terms (from a top-level `has`/`has_any`)
+    needs: tuple[str, tuple[str, ...]] | None = None
 
 
 def _row_independent(expr: Expr) -> bool:
@@ -174,6 +179,63 @@ def parse_fleet_plan(rule: Rule) -> FleetPlan:
             ingest_stages.append(stage)
             reason = reason or "extend/project before the summarize"
     ingest = Query(replace(parsed, stages=tuple(ingest_stages)))
+    plan = _plan(rule, parsed, stages, first_summarize, ingest, window, reason)
+    return replace(plan, needs=_needs(ingest_stages))
+
+
+def _need(expr: Expr) -> tuple[str, tuple[str, ...]] | None:
+    """A necessary condition of ``expr``: (column, first terms), one of which the column must have."""
+    if isinstance(expr, And):
+        for item in expr.items:
+            found = _need(item)
+            if found is not None:
+                return found
+        return None
+    if isinstance(expr, Or):
+        parts = [_need(item) for item in expr.items]
+        if not parts or any(p is None for p in parts) or len({p[0] for p in parts if p}) != 1:
+            return None
+        return parts[0][0], tuple(dict.fromkeys(t for p in parts if p for t in p[1]))  # type: ignore[index]
+    if not (
+        isinstance(expr, Compare)
+        and expr.op in ("has", "has_any", "has_all")
+        and isinstance(expr.left, Column)
+        and COLUMN_TYPES.get(expr.left.name) == "string"
+        and expr.args
+        and all(isinstance(a, Const) and isinstance(a.value, str) for a in expr.args)
+    ):
+        return None
+    patterns = [a.value for a in expr.args]  # type: ignore[attr-defined]
+    if expr.op == "has_all":
+        patterns = patterns[:1]  # every pattern must be there: asking for the first one is enough
+    firsts = []
+    for pattern in patterns:
+        terms = split_terms(pattern)
+        if terms:  # a pattern without terms never matches
+            firsts.append(terms[0])
+    return expr.left.name, tuple(firsts)
+
+
+def _needs(ingest_stages: list[Any]) -> tuple[str, tuple[str, ...]] | None:
+    if not all(isinstance(s, WhereStage) for s in ingest_stages):
+        return None
+    for stage in ingest_stages:
+        found = _need(stage.predicate)
+        if found is not None:
+            return found
+    return None
+
+
+def _plan(
+    rule: Rule,
+    parsed: ParsedQuery,
+    stages: list[Any],
+    first_summarize: int | None,
+    ingest: Query,
+    window: list[WindowTerm],
+    reason: str,
+) -> FleetPlan:
+    row_stages = stages if first_summarize is None else stages[:first_summarize]
     if first_summarize is None:
         return FleetPlan(rule, ingest, None, "no summarize")
     if reason:
@@ -225,3 +287,40 @@ def apply_post(sql: SqlSummarize, result: dict[str, Any]) -> dict[str, Any]:
                 values[name] = value
         out = {**base, **values} if kind == "extend" else values
     return out
+
+
+class RuleIndex:
+    """Which plans can match a row: those whose necessary terms occur in the row, plus those with
+    no indexable condition. The final decision stays with each plan's ``filter_row``."""
+
+    def __init__(self, plans: list[FleetPlan]) -> None:
+        self.always: list[FleetPlan] = []
+        self.by_term: dict[tuple[str, str], list[FleetPlan]] = {}
+        for plan in plans:
+            if plan.needs is None:
+                self.always.append(plan)
+                continue
+            column, firsts = plan.needs
+            for term in set(firsts):
+                self.by_term.setdefault((column, term), []).append(plan)
+        self.columns = sorted({column for column, _ in self.by_term})
+        self.order = {id(p): i for i, p in enumerate(plans)}
+        self._memo: dict[tuple[Any, ...], list[FleetPlan]] = {}  # signers repeat across a fleet
+
+    def candidates(self, row: Any) -> list[FleetPlan]:
+        key = tuple(row.get(column) for column in self.columns)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        found: dict[int, FleetPlan] = {id(p): p for p in self.always}
+        for column, value in zip(self.columns, key, strict=True):
+            if not isinstance(value, str) or not value:
+                continue
+            for term in set(split_terms(value)):
+                for plan in self.by_term.get((column, term), ()):
+                    found[id(plan)] = plan
+        out = sorted(found.values(), key=lambda p: self.order[id(p)])
+        if len(self._memo) >= 65536:
+            self._memo.clear()
+        self._memo[key] = out
+        return out

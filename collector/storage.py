@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from agent.rules.loader import Rule
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
-from collector.fleetplan import FleetPlan, SqlSummarize, apply_post, parse_fleet_plan, window_range
+from collector.fleetplan import FleetPlan, RuleIndex, SqlSummarize, apply_post, parse_fleet_plan, window_range
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ _SA_TYPES: dict[str, Callable[[], Any]] = {
     "long": sa.BigInteger,
     "int": sa.Integer,
 }
+
+_STRING_COLUMNS = tuple(n for n in COLUMN_NAMES if COLUMN_TYPES[n] == "string")
+_DATETIME_COLUMNS = tuple(n for n in COLUMN_NAMES if COLUMN_TYPES[n] == "datetime")
 
 metadata = sa.MetaData()
 
@@ -225,6 +228,7 @@ class Collector:
         self.schema_version = migrate(self.engine)
         self.rules = list(rules)
         self.plans: list[FleetPlan] = [parse_fleet_plan(r) for r in self.rules]
+        self.index = RuleIndex(self.plans)
         self.ruleset = ruleset_version(self.rules)
         self._reeval: threading.Thread | None = None
         self._stop = threading.Event()
@@ -349,14 +353,14 @@ class Collector:
 
     # --- ingest
     def _row_in(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        out = {}
-        for name in COLUMN_NAMES:
-            value = row.get(name)
-            if value is None and COLUMN_TYPES[name] == "string":
-                value = ""
-            elif isinstance(value, dt.datetime):
-                value = _naive_utc(value)
-            out[name] = value
+        out = {name: row.get(name) for name in COLUMN_NAMES}
+        for name in _STRING_COLUMNS:
+            if out[name] is None:
+                out[name] = ""
+        for name in _DATETIME_COLUMNS:
+            value = out[name]
+            if value is not None:
+                out[name] = _naive_utc(value)
         return out
 
     def _row_out(self, values: Any) -> dict[str, Any]:
@@ -375,7 +379,7 @@ class Collector:
         for row in rows:
             if row.get("Excluded"):
                 continue
-            for plan in self.plans:
+            for plan in self.index.candidates(row):
                 evidence = plan.ingest.filter_row(row, now=now)
                 if evidence is None:
                     continue
@@ -395,8 +399,7 @@ class Collector:
                         ),
                     }
                 )
-        if records:
-            conn.execute(_insert_ignore(conn, hits), records)
+        _bulk_insert_ignore(conn, hits, records)
         return len(records)
 
     def ingest(
@@ -428,7 +431,7 @@ class Collector:
                         fresh[r["ReportId"]] = r
                 duplicates += len(group) - len(fresh)
                 if fresh:
-                    conn.execute(_insert_ignore(conn, cert_rows), [self._row_in(r) for r in fresh.values()])
+                    _bulk_insert_ignore(conn, cert_rows, [self._row_in(r) for r in fresh.values()])
                     hit_count += self._insert_hits(conn, list(fresh.values()), now)
                 accepted += len(fresh)
             if device_id is not None:
@@ -625,14 +628,36 @@ class Collector:
             return run(own)
 
 
-def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
+def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING through the driver's executemany: the ingest hot path.
+    Values are converted here as SQLAlchemy's types store them (SQLite: datetimes as
+    'YYYY-MM-DD HH:MM:SS.ffffff' text, bools as 0/1), so Core reads them back unchanged."""
+    if not records:
+        return
+    names = [c.name for c in table.columns]
+    cols = ", ".join(f'"{n}"' for n in names)
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
+        bools = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.Boolean)]
+        rows = []
+        for rec in records:
+            values = [rec.get(n) for n in names]
+            for i in dates:
+                if values[i] is not None:
+                    values[i] = values[i].isoformat(sep=" ", timespec="microseconds")
+            for i in bools:
+                if values[i] is not None:
+                    values[i] = int(values[i])
+            rows.append(tuple(values))
+        marks = ", ".join("?" for _ in names)
+        conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{table.name}" ({cols}) VALUES ({marks})', rows)
+    else:
+        marks = ", ".join("%s" for _ in names)
+        conn.exec_driver_sql(
+            f'INSERT INTO "{table.name}" ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING',
+            [tuple(rec.get(n) for n in names) for rec in records],
+        )
 
 
 # --- dashboard matrix (devices x tools), computed in SQL
@@ -642,15 +667,15 @@ def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
 class MatrixCell:
     device_id: str
     device_name: str
-    rule_id: str
+    tool: str
     first_seen: dt.datetime
     last_seen: dt.datetime
-    count: int
+    count: int  # distinct rows, however many rules of the tool they hit
     running: int
     untrusted: int
 
 
-def _running(conn_dialect: str) -> Any:
+def _running() -> Any:
     return sa.case((sa.or_(cert_rows.c.ProcessId.is_not(None), cert_rows.c.ProcessName != ""), 1), else_=0)
 
 
@@ -659,17 +684,18 @@ def _untrusted() -> Any:
 
 
 def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
+    """One cell per (device, tool): the rules of a tool merged, each row counted once."""
     version = collector.hits_ruleset() or collector.ruleset
-    query = (
+    tool = sa.case({r.id: r.tool for r in collector.rules}, value=hits.c.rule_id, else_="").label("tool")
+    per_row = (
         sa.select(
             cert_rows.c.DeviceId,
             cert_rows.c.DeviceName,
-            hits.c.rule_id,
-            sa.func.min(cert_rows.c.Timestamp),
-            sa.func.max(cert_rows.c.Timestamp),
-            sa.func.count(),
-            sa.func.sum(_running("")),
-            sa.func.sum(_untrusted()),
+            cert_rows.c.ReportId,
+            tool,
+            cert_rows.c.Timestamp,
+            _running().label("running"),
+            _untrusted().label("untrusted"),
         )
         .select_from(collector._joined())
         .where(
@@ -677,16 +703,27 @@ def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
             cert_rows.c.Timestamp >= _naive_utc(since),
             sa.not_(sa.func.coalesce(cert_rows.c.Excluded, False)),
         )
-        .group_by(cert_rows.c.DeviceId, cert_rows.c.DeviceName, hits.c.rule_id)
+        .distinct()
+        .subquery()
     )
+    query = sa.select(
+        per_row.c.DeviceId,
+        per_row.c.DeviceName,
+        per_row.c.tool,
+        sa.func.min(per_row.c.Timestamp),
+        sa.func.max(per_row.c.Timestamp),
+        sa.func.count(),
+        sa.func.sum(per_row.c.running),
+        sa.func.sum(per_row.c.untrusted),
+    ).group_by(per_row.c.DeviceId, per_row.c.DeviceName, per_row.c.tool)
     with collector.engine.connect() as conn:
         return [
             MatrixCell(
                 r[0],
                 r[1],
                 r[2],
-                _aware(Collector._value("Timestamp", r[3])),
-                _aware(Collector._value("Timestamp", r[4])),
+                Collector._value("Timestamp", r[3]),
+                Collector._value("Timestamp", r[4]),
                 int(r[5]),
                 int(r[6] or 0),
                 int(r[7] or 0),
@@ -709,7 +746,7 @@ def cell_files(
             sa.func.max(_untrusted()),
             sa.func.min(cert_rows.c.Timestamp),
             sa.func.max(cert_rows.c.Timestamp),
-            sa.func.max(_running("")),
+            sa.func.max(_running()),
             sa.func.count(),
         )
         .select_from(collector._joined())

@@ -26,9 +26,11 @@ def test_schemathesis_finds_no_server_error(live, capsys):
     failures = []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/api/v1/enroll", "/api/v1/rows", "/api/v1/hunts", "/api/v1/devices"}
+
     def check(operation, headers):
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(case=operation.as_strategy())
         def run(case):
             nonlocal total
