@@ -39,8 +39,8 @@ def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
         cells[(c.device_id, c.tool)] = {
             "DeviceId": c.device_id,
             "Tool": c.tool,
-            "FirstSeen": c.first_seen,
-            "LastSeen": c.last_seen,
+            "FirstSeen": _iso(c.first_seen),
+            "LastSeen": _iso(c.last_seen),
             "Count": c.count,
             "Running": c.running > 0,
             "Untrusted": c.untrusted > 0,
@@ -49,14 +49,16 @@ def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
     for rule in collector.rules:
         tools.setdefault(rule.tool, set()).update(rule.techniques)
     used_tools = sorted({t for _d, t in cells}, key=str.casefold)
-    return plain(
-        {
-            "ruleset_version": collector.hits_ruleset() or collector.ruleset,
-            "devices": [{"DeviceId": d, "DeviceName": n} for d, n in sorted(device_names.items(), key=lambda x: x[1])],
-            "tools": [{"Tool": t, "Techniques": sorted(tools.get(t, ()))} for t in used_tools],
-            "cells": list(cells.values()),
-        }
-    )
+    return {
+        "ruleset_version": collector.hits_ruleset() or collector.ruleset,
+        "devices": [{"DeviceId": d, "DeviceName": n} for d, n in sorted(device_names.items(), key=lambda x: x[1])],
+        "tools": [{"Tool": t, "Techniques": sorted(tools.get(t, ()))} for t in used_tools],
+        "cells": list(cells.values()),
+    }
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_token: Callable[[Request], None]) -> None:

@@ -686,16 +686,17 @@ def _untrusted() -> Any:
 def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
     """One cell per (device, tool): the rules of a tool merged, each row counted once."""
     version = collector.hits_ruleset() or collector.ruleset
-    tool = sa.case({r.id: r.tool for r in collector.rules}, value=hits.c.rule_id, else_="").label("tool")
-    per_row = (
+    tool = sa.case({r.id: r.tool for r in collector.rules}, value=hits.c.rule_id, else_="")
+    query = (
         sa.select(
             cert_rows.c.DeviceId,
             cert_rows.c.DeviceName,
-            cert_rows.c.ReportId,
             tool,
-            cert_rows.c.Timestamp,
-            _running().label("running"),
-            _untrusted().label("untrusted"),
+            sa.func.min(cert_rows.c.Timestamp),
+            sa.func.max(cert_rows.c.Timestamp),
+            sa.func.count(sa.distinct(cert_rows.c.ReportId)),
+            sa.func.max(_running()),
+            sa.func.max(_untrusted()),
         )
         .select_from(collector._joined())
         .where(
@@ -703,19 +704,8 @@ def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
             cert_rows.c.Timestamp >= _naive_utc(since),
             sa.not_(sa.func.coalesce(cert_rows.c.Excluded, False)),
         )
-        .distinct()
-        .subquery()
+        .group_by(cert_rows.c.DeviceId, cert_rows.c.DeviceName, tool)
     )
-    query = sa.select(
-        per_row.c.DeviceId,
-        per_row.c.DeviceName,
-        per_row.c.tool,
-        sa.func.min(per_row.c.Timestamp),
-        sa.func.max(per_row.c.Timestamp),
-        sa.func.count(),
-        sa.func.sum(per_row.c.running),
-        sa.func.sum(per_row.c.untrusted),
-    ).group_by(per_row.c.DeviceId, per_row.c.DeviceName, per_row.c.tool)
     with collector.engine.connect() as conn:
         return [
             MatrixCell(
