@@ -31,29 +31,34 @@ def _since(days: float) -> dt.datetime:
 
 
 def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
-    """Cells per (device, tool), aggregated in SQL, with the devices and tools they name."""
-    cells: dict[tuple[str, str], dict[str, Any]] = {}
-    device_names: dict[str, str] = {}
-    for c in matrix_cells(collector, _since(days)):
-        device_names[c.device_id] = c.device_name
-        cells[(c.device_id, c.tool)] = {
-            "DeviceId": c.device_id,
-            "Tool": c.tool,
-            "FirstSeen": _iso(c.first_seen),
-            "LastSeen": _iso(c.last_seen),
-            "Count": c.count,
-            "Running": c.running > 0,
-            "Untrusted": c.untrusted > 0,
-        }
-    tools: dict[str, set[str]] = {}
+    """The matrix for the page, compact: devices and tools listed once, each cell an array
+    ``[device index, tool index, FirstSeen, LastSeen, Count, Running, Untrusted]``."""
+    found = matrix_cells(collector, _since(days))
+    device_names: dict[str, str] = {c.device_id: c.device_name for c in found}
+    devices = sorted(device_names.items(), key=lambda x: (x[1], x[0]))
+    used_tools = sorted({c.tool for c in found}, key=str.casefold)
+    device_index = {d: i for i, (d, _n) in enumerate(devices)}
+    tool_index = {t: i for i, t in enumerate(used_tools)}
+    techniques: dict[str, set[str]] = {}
     for rule in collector.rules:
-        tools.setdefault(rule.tool, set()).update(rule.techniques)
-    used_tools = sorted({t for _d, t in cells}, key=str.casefold)
+        techniques.setdefault(rule.tool, set()).update(rule.techniques)
     return {
         "ruleset_version": collector.hits_ruleset() or collector.ruleset,
-        "devices": [{"DeviceId": d, "DeviceName": n} for d, n in sorted(device_names.items(), key=lambda x: x[1])],
-        "tools": [{"Tool": t, "Techniques": sorted(tools.get(t, ()))} for t in used_tools],
-        "cells": list(cells.values()),
+        "devices": [{"DeviceId": d, "DeviceName": n} for d, n in devices],
+        "tools": [{"Tool": t, "Techniques": sorted(techniques.get(t, ()))} for t in used_tools],
+        "cell_columns": ["Device", "Tool", "FirstSeen", "LastSeen", "Count", "Running", "Untrusted"],
+        "cells": [
+            [
+                device_index[c.device_id],
+                tool_index[c.tool],
+                _iso(c.first_seen),
+                _iso(c.last_seen),
+                c.count,
+                c.running > 0,
+                c.untrusted > 0,
+            ]
+            for c in found
+        ],
     }
 
 

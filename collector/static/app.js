@@ -35,9 +35,11 @@ function render() {
   const tools = data.tools.filter(t =>
     (!f.tool || t.Tool.toLowerCase().includes(f.tool)) && (!f.technique || t.Techniques.includes(f.technique)));
   const cellsByDevice = new Map();
-  for (const c of data.cells) {
-    if (!cellsByDevice.has(c.DeviceId)) cellsByDevice.set(c.DeviceId, new Map());
-    cellsByDevice.get(c.DeviceId).set(c.Tool, c);
+  for (const [d, t, first, last, count, running, untrusted] of data.cells) {
+    const deviceId = data.devices[d].DeviceId;
+    if (!cellsByDevice.has(deviceId)) cellsByDevice.set(deviceId, new Map());
+    cellsByDevice.get(deviceId).set(data.tools[t].Tool,
+      { FirstSeen: first, LastSeen: last, Count: count, Running: running, Untrusted: untrusted });
   }
   const toolNames = new Set(tools.map(t => t.Tool));
   const devices = data.devices.filter(d => {
