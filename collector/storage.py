@@ -88,6 +88,7 @@ hits = sa.Table(
     sa.Column("device_id", sa.String(128), primary_key=True),
     sa.Column("report_id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("evidence", sa.Text, nullable=False),
+    sa.Index("hits_device", "device_id", "report_id"),
 )
 
 
@@ -135,7 +136,6 @@ def _migration_1(conn: Connection) -> None:
         sa.Index("cert_rows_ts", "Timestamp"),
     )
     base.create(conn, checkfirst=True)
-    sa.Index("hits_device", hits.c.device_id, hits.c.report_id).create(conn, checkfirst=True)
 
 
 def _add_columns(names: Sequence[str]) -> Callable[[Connection], None]:
