@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser("check", help="validate rule files (and the config's exclusions)")
     _global_options(rc, suppress=True)
     rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
-    forward_cli.add_parser(sub), collector_cli.add_parser(sub)  # fleet
+    forward_cli.add_parser(sub)  # fleet
+    collector_cli.add_parser(sub)  # fleet
     return parser
 
 

@@ -526,8 +526,10 @@ class Collector:
         selects: list[Any] = [hits.c.rule_id]
         by_cols = [cert_rows.c[col].label(f"b{i}") for i, (_name, col) in enumerate(sql.by)]
         selects.extend(by_cols)
+        arg_names = [_arg_name(agg) for agg in sql.aggregates]
         for i, agg in enumerate(sql.aggregates):
-            col = cert_rows.c[agg.arg.name] if agg.arg is not None else None  # type: ignore[attr-defined]
+            col: Any = cert_rows.c[arg_names[i]] if arg_names[i] else None
+            expr: Any
             if agg.func == "count":
                 expr = sa.func.count()
             elif agg.func == "dcount":
@@ -564,10 +566,9 @@ class Collector:
                     value = int(value)
                 elif agg.func == "make_set":
                     items = json.loads(value) if isinstance(value, str) else list(value or ())
-                    col = agg.arg.name  # type: ignore[attr-defined]
-                    value = sorted(self._value(col, v) for v in items if v is not None)
+                    value = sorted(self._value(arg_names[i], v) for v in items if v is not None)
                 else:
-                    value = self._value(agg.arg.name, value)  # type: ignore[attr-defined]
+                    value = self._value(arg_names[i], value)
                 result[agg.name] = value
             assert plan.sql is not None
             out.append(FleetResult(plan.rule, apply_post(plan.sql, result)))
@@ -628,6 +629,11 @@ class Collector:
             return run(own)
 
 
+def _arg_name(agg: Any) -> str:
+    """The table column an aggregate reads ('' for count())."""
+    return str(getattr(agg.arg, "name", "")) if agg.arg is not None else ""
+
+
 def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Mapping[str, Any]]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING through the driver's executemany: the ingest hot path.
     Values are converted here as SQLAlchemy's types store them (SQLite: datetimes as
@@ -642,7 +648,7 @@ def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Map
         bools = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.Boolean)]
         rows = []
         for rec in records:
-            values = [rec.get(n) for n in names]
+            values: list[Any] = [rec.get(n) for n in names]
             for i in dates:
                 if values[i] is not None:
                     values[i] = values[i].isoformat(sep=" ", timespec="microseconds")

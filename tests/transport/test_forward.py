@@ -87,7 +87,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_kill_9_during_forwarding_loses_and_duplicates_nothing(tmp_path):
     state, config = agent_dir(tmp_path)
-    ids = fill_outbox(state, 4000)
+    ids = fill_outbox(state, 3000)
     rnd = random.Random(9)
     with LiveCollector(tmp_path / "collector", free_port()) as live:
         env = forward_env(live.url)
@@ -117,7 +117,7 @@ def test_kill_9_during_forwarding_loses_and_duplicates_nothing(tmp_path):
 
 def test_collector_down_then_back_and_killed_mid_batch(tmp_path):
     state, config = agent_dir(tmp_path)
-    ids = fill_outbox(state, 6000)
+    ids = fill_outbox(state, 4000)
     port = free_port()
     live = LiveCollector(tmp_path / "collector", port)
     proc = subprocess.Popen(
