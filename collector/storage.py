@@ -352,17 +352,6 @@ class Collector:
             ]
 
     # --- ingest
-    def _row_in(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        out = {name: row.get(name) for name in COLUMN_NAMES}
-        for name in _STRING_COLUMNS:
-            if out[name] is None:
-                out[name] = ""
-        for name in _DATETIME_COLUMNS:
-            value = out[name]
-            if value is not None:
-                out[name] = _naive_utc(value)
-        return out
-
     def _row_out(self, values: Any) -> dict[str, Any]:
         out = {}
         for name, value in zip(COLUMN_NAMES, values, strict=True):
@@ -409,31 +398,28 @@ class Collector:
         Rows already stored are left as they are (a retry never double-counts)."""
         now = _utcnow()
         accepted = duplicates = hit_count = 0
-        by_device: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_device.setdefault(row["DeviceId"], []).append(row)
+        keys = list(dict.fromkeys((r["DeviceId"], r["ReportId"]) for r in rows))
         with self.engine.begin() as conn:
-            for dev, group in by_device.items():
-                ids = list({r["ReportId"] for r in group})
-                existing: set[int] = set()
-                for start in range(0, len(ids), 900):
-                    chunk = ids[start : start + 900]
-                    existing.update(
-                        conn.execute(
-                            sa.select(cert_rows.c.ReportId).where(
-                                cert_rows.c.DeviceId == dev, cert_rows.c.ReportId.in_(chunk)
-                            )
-                        ).scalars()
+            existing: set[tuple[str, int]] = set()
+            key_cols = sa.tuple_(cert_rows.c.DeviceId, cert_rows.c.ReportId)
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                existing.update(
+                    (d, r)
+                    for d, r in conn.execute(
+                        sa.select(cert_rows.c.DeviceId, cert_rows.c.ReportId).where(key_cols.in_(chunk))
                     )
-                fresh: dict[int, dict[str, Any]] = {}
-                for r in group:
-                    if r["ReportId"] not in existing and r["ReportId"] not in fresh:
-                        fresh[r["ReportId"]] = r
-                duplicates += len(group) - len(fresh)
-                if fresh:
-                    _bulk_insert_ignore(conn, cert_rows, [self._row_in(r) for r in fresh.values()])
-                    hit_count += self._insert_hits(conn, list(fresh.values()), now)
-                accepted += len(fresh)
+                )
+            fresh: dict[tuple[str, int], dict[str, Any]] = {}
+            for r in rows:
+                key = (r["DeviceId"], r["ReportId"])
+                if key not in existing and key not in fresh:
+                    fresh[key] = r
+            duplicates = len(rows) - len(fresh)
+            if fresh:
+                _bulk_insert_ignore(conn, cert_rows, list(fresh.values()))
+                hit_count = self._insert_hits(conn, list(fresh.values()), now)
+            accepted = len(fresh)
             if device_id is not None:
                 values: dict[str, Any] = {
                     "last_seen": _naive_utc(now),
@@ -643,27 +629,31 @@ def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Map
     names = [c.name for c in table.columns]
     cols = ", ".join(f'"{n}"' for n in names)
     sqlite = conn.dialect.name == "sqlite"
-    if sqlite:
-        dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
-        bools = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.Boolean)]
-        rows = []
-        for rec in records:
-            values: list[Any] = [rec.get(n) for n in names]
-            for i in dates:
-                if values[i] is not None:
-                    values[i] = values[i].isoformat(sep=" ", timespec="microseconds")
+    dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
+    bools = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.Boolean)]
+    texts = [i for i, c in enumerate(table.columns) if table is cert_rows and isinstance(c.type, sa.Text)]
+    rows = []
+    for rec in records:
+        values: list[Any] = [rec.get(n) for n in names]
+        for i in texts:  # string columns are never null, as in Kusto
+            if values[i] is None:
+                values[i] = ""
+        for i in dates:
+            value = values[i]
+            if value is not None:
+                value = _naive_utc(value)
+                values[i] = value.isoformat(sep=" ", timespec="microseconds") if sqlite else value
+        if sqlite:
             for i in bools:
                 if values[i] is not None:
                     values[i] = int(values[i])
-            rows.append(tuple(values))
+        rows.append(tuple(values))
+    if sqlite:
         marks = ", ".join("?" for _ in names)
         conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{table.name}" ({cols}) VALUES ({marks})', rows)
     else:
         marks = ", ".join("%s" for _ in names)
-        conn.exec_driver_sql(
-            f'INSERT INTO "{table.name}" ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING',
-            [tuple(rec.get(n) for n in names) for rec in records],
-        )
+        conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
 
 
 # --- dashboard matrix (devices x tools), computed in SQL

@@ -1,0 +1,143 @@
+"""Collector figures (issue 9): ingest rows/s on SQLite and PostgreSQL, and fleet-hunt latency
+over a large store (default 1,000,000 rows), for the whole shipped catalog.
+
+Rows are synthetic DeviceFileCertificateInfo rows (tests/collector/fleetdata.py): a share of
+them (--hit-fraction) signed by RMM vendors the rules name, the rest by generic signers, spread
+over devices and the last 8 days. Ingest goes through Collector.ingest, the path the API and
+`collector import` use (idempotency check, rule filters through the term index, hits).
+
+    python bench/collector.py [--rows 1000000] [--ingest-rows 20000] [--backends sqlite,postgresql]
+
+Figures only; no pass/fail. Writes bench/results-collector.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.resources import shipped_rules_dir  # noqa: E402
+from agent.rules.loader import load_rules  # noqa: E402
+from collector.storage import Collector  # noqa: E402
+from tests.collector.fleetdata import make_row, signers_of  # noqa: E402
+from tests.collector.pgserver import start_pg  # noqa: E402
+
+GENERIC = [
+    "Microsoft Corporation",
+    "Google LLC",
+    "Mozilla Corporation",
+    "Simon Tatham",
+    "win.rar GmbH",
+    "Oracle America, Inc.",
+    "Adobe Inc.",
+    "Intel Corporation",
+    "NVIDIA Corporation",
+    "Dell Inc",
+]
+BATCH = 1000  # the agent's batch size
+
+
+def iter_rows(rules, n: int, hit_fraction: float, now: dt.datetime, devices: int, seed: int = 1, first_device: int = 0):
+    rnd = random.Random(seed)
+    rmm = signers_of(rules)
+    counters = [0] * devices
+    for _ in range(n):
+        d = rnd.randrange(devices)
+        counters[d] += 1
+        signer = rnd.choice(rmm) if rnd.random() < hit_fraction else rnd.choice(GENERIC)
+        ts = now - dt.timedelta(seconds=rnd.uniform(0, 8 * 86400))
+        yield make_row(first_device + d, counters[d], signer, ts)
+
+
+def ingest(collector: Collector, rows, batch: int = BATCH) -> tuple[int, float]:
+    """Rows are made before the clock starts, one batch at a time; only ingest is timed."""
+    count = 0
+    elapsed = 0.0
+    rows = iter(rows)
+    while True:
+        chunk = [row for _, row in zip(range(batch), rows)]
+        if not chunk:
+            return count, elapsed
+        started = time.perf_counter()
+        collector.ingest(chunk)
+        elapsed += time.perf_counter() - started
+        count += len(chunk)
+
+
+def bench_backend(name: str, url: str, rules, args, now: dt.datetime) -> dict:
+    out: dict = {"backend": name}
+    collector = Collector(url, rules)
+    try:
+        collector.start(background=False)
+        for k, (mix, fraction) in enumerate((("hits", 1.0), ("all", 0.1))):
+            rows = iter_rows(rules, args.ingest_rows, fraction, now, 500, seed=k, first_device=k * 1000)
+            n, secs = ingest(collector, rows)
+            out[f"ingest_rows_per_s_{mix}"] = round(n / secs)
+            print(f"{name}: ingest ({mix}: {fraction:.0%} RMM rows) {n / secs:,.0f} rows/s (goal >= 10,000)")
+        have = collector.count_rows()
+        if args.rows > have:
+            started = time.perf_counter()
+            n, secs = ingest(
+                collector,
+                iter_rows(rules, args.rows - have, args.hit_fraction, now, 5000, seed=3, first_device=10_000),
+                batch=10000,
+            )
+            out["load_rows_per_s"] = round(n / secs)
+            print(f"{name}: loaded {n:,} more rows in {time.perf_counter() - started:.0f}s ({n / secs:,.0f} rows/s)")
+        out["stored_rows"] = collector.count_rows()
+        timings = []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            results = collector.hunt(now=now)
+            timings.append(time.perf_counter() - started)
+        out["fleet_hunt_seconds_median"] = round(statistics.median(timings), 3)
+        out["fleet_hunt_results"] = len(results)
+        print(
+            f"{name}: fleet hunt over {out['stored_rows']:,} rows, {len(rules)} rules: "
+            f"{statistics.median(timings):.2f}s median of {args.repeat} ({len(results)} results; goal: a few seconds)"
+        )
+    finally:
+        collector.close()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows stored for the hunt latency")
+    parser.add_argument("--ingest-rows", type=int, default=20_000, help="rows per ingest measurement")
+    parser.add_argument("--hit-fraction", type=float, default=0.5, help="share of RMM rows in the large store")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results-collector.json"))
+    args = parser.parse_args()
+    rules = list(load_rules([shipped_rules_dir()]).rules)
+    now = dt.datetime.now(dt.UTC)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rmmhunt-bench-") as tmp:
+        for backend in args.backends.split(","):
+            if backend == "sqlite":
+                results.append(bench_backend("sqlite", f"sqlite:///{tmp}/collector.sqlite3", rules, args, now))
+            elif backend == "postgresql":
+                server = start_pg()
+                try:
+                    results.append(bench_backend("postgresql", server.url, rules, args, now))
+                finally:
+                    server.stop()
+            else:
+                parser.error(f"unknown backend {backend}")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
