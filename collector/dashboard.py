@@ -42,9 +42,10 @@ def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
     techniques: dict[str, set[str]] = {}
     for rule in collector.rules:
         techniques.setdefault(rule.tool, set()).update(rule.techniques)
+    dropped = {d["DeviceId"]: d["DroppedRows"] for d in collector.list_devices()}
     return {
         "ruleset_version": collector.hits_ruleset() or collector.ruleset,
-        "devices": [{"DeviceId": d, "DeviceName": n} for d, n in devices],
+        "devices": [{"DeviceId": d, "DeviceName": n, "DroppedRows": dropped.get(d, 0)} for d, n in devices],
         "tools": [{"Tool": t, "Techniques": sorted(techniques.get(t, ()))} for t in used_tools],
         "cell_columns": ["Device", "Tool", "FirstSeen", "LastSeen", "Count", "Running", "Untrusted"],
         "cells": [

@@ -56,7 +56,9 @@ function render() {
   const body = el("tbody");
   for (const d of devices) {
     const tr = el("tr");
-    tr.appendChild(el("th", d.DeviceName));
+    const name = el("th", d.DeviceName + (d.DroppedRows ? " (" + d.DroppedRows + " rows dropped by its outbox)" : ""));
+    name.title = d.DeviceId;
+    tr.appendChild(name);
     const row = cellsByDevice.get(d.DeviceId);
     for (const t of tools) {
       const c = row.get(t.Tool);
