@@ -10,6 +10,10 @@ function el(tag, text, cls) {
   return node;
 }
 
+function shortDay(iso) {
+  return iso ? iso.slice(5, 10) : "";
+}
+
 function shortTime(iso) {
   return iso ? iso.replace("T", " ").replace(/\.\d+Z$/, "Z") : "";
 }
@@ -66,7 +70,9 @@ function render() {
       let cls = "hit";
       if (c.Running) cls += " running";
       if (c.Untrusted) cls += " untrusted";
-      const td = el("td", String(c.Count) + (c.Running ? " R" : "") + (c.Untrusted ? " !" : ""), cls);
+      const td = el("td", null, cls);
+      td.appendChild(el("b", String(c.Count) + (c.Running ? " R" : "") + (c.Untrusted ? " !" : "")));
+      td.appendChild(el("small", shortDay(c.FirstSeen) + "→" + shortDay(c.LastSeen)));
       td.title = "FirstSeen " + shortTime(c.FirstSeen) + "\nLastSeen " + shortTime(c.LastSeen) + "\nCount " + c.Count;
       td.dataset.device = d.DeviceId;
       td.dataset.tool = t.Tool;
@@ -102,7 +108,9 @@ async function drill(td) {
 async function load() {
   const days = document.getElementById("f-days").value;
   document.body.dataset.ready = "";
+  const t0 = performance.now();
   data = await getJson("/api/v1/matrix?days=" + encodeURIComponent(days));
+  document.body.dataset.fetchMs = String(Math.round(performance.now() - t0));
   const select = document.getElementById("f-technique");
   const current = select.value;
   const techniques = [...new Set(data.tools.flatMap(t => t.Techniques))].sort();
