@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from typing import Any
 
 EXIT_CLEAN, EXIT_ERROR = 0, 2
@@ -36,13 +37,8 @@ def run(args: argparse.Namespace) -> int:
     except ForwardError as exc:
         print(f"rmmhunt: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    stopping = False
-
-    def stop(_signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
     try:
         with _open_store(settings) as store:
             if store.set_outbox_policy(config.forward, config.max_outbox_bytes):
@@ -50,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"forwarding set up ({config.forward}): {queued} stored rows queued", file=sys.stderr)
             try:
                 sent = sender.drain(
-                    store, once=args.once, max_backoff=args.max_backoff, poll=args.poll, stop=lambda: stopping
+                    store,
+                    once=args.once,
+                    max_backoff=args.max_backoff,
+                    poll=args.poll,
+                    sleep=stopping.wait,
+                    stop=stopping.is_set,
                 )
             except ForwardError as exc:
                 print(f"rmmhunt: error: {exc}", file=sys.stderr)

@@ -126,6 +126,7 @@ class Sender:
 
             verify = ssl.create_default_context(cafile=config.ca_file)
         self.client = httpx.Client(verify=verify, timeout=timeout, headers={"User-Agent": "rmmhunt-agent"})
+        self.batch_rows = BATCH_ROWS  # halved while the collector refuses a batch as too large or malformed
 
     def close(self) -> None:
         self.client.close()
@@ -171,7 +172,7 @@ class Sender:
     # --- sending
     def send_batch(self, store: Any) -> int:
         """Send the oldest outbox batch; returns the rows acknowledged (0: the outbox is empty)."""
-        entries = store.outbox_batch(BATCH_ROWS, BATCH_BYTES)
+        entries = store.outbox_batch(self.batch_rows, BATCH_BYTES)
         if not entries:
             return 0
         key = self.node_key()
@@ -189,12 +190,16 @@ class Sender:
             response = self._post_json("/api/v1/rows", body, gzipped=True)
         if response.status_code == 200:
             store.outbox_ack(seqs)
+            self.batch_rows = min(BATCH_ROWS, self.batch_rows * 2)
             return len(seqs)
-        if response.status_code == 422 and len(entries) == 1:
-            # one row the collector will never take: count it as dropped, never silently
-            log.warning("collector refused row %s: %s", entries[0][1][:200], _reason(response))
-            store.outbox_ack(seqs, dropped=1)
-            return 1
+        if response.status_code in (413, 422):
+            if len(entries) == 1:
+                # one row the collector will never take: count it as dropped, never silently
+                log.warning("collector refused row %s: %s", entries[0][1][:200], _reason(response))
+                store.outbox_ack(seqs, dropped=1)
+                return 1
+            self.batch_rows = max(1, len(entries) // 2)  # find the row it refuses, in halves
+            return self.send_batch(store)
         raise ForwardError(f"{self.url}: batch {batch_id} refused: {response.status_code} {_reason(response)}")
 
     def drain(
@@ -204,7 +209,7 @@ class Sender:
         once: bool,
         max_backoff: float = 300.0,
         poll: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
         stop: Callable[[], bool] = lambda: False,
     ) -> int:
         """Send until the outbox is empty (``once``), or for ever, backing off on failures.

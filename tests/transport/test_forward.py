@@ -35,9 +35,11 @@ def agent_dir(tmp_path: Path, n: int = 1) -> tuple[Path, Path]:
     return state, config
 
 
-def fill_outbox(state: Path, n_rows: int, *, device: int = 1, max_bytes: int = 0) -> list[int]:
+def fill_outbox(
+    state: Path, n_rows: int, *, device: int = 1, max_bytes: int = 0, signer: str = "MMSoft Design Ltd."
+) -> list[int]:
     now = dt.datetime.now(dt.UTC)
-    rows = [make_row(device, 0, "MMSoft Design Ltd.", now, ReportId=None) for _ in range(n_rows)]
+    rows = [make_row(device, 0, signer, now, ReportId=None) for _ in range(n_rows)]
     with Store(state / "rmmhunt.sqlite3") as store:
         store.set_outbox_policy("all", max_bytes)
         store.begin()
@@ -201,6 +203,10 @@ def test_tls_with_a_throwaway_ca_and_bounded_outbox_reports_drops(tmp_path):
     stats = outbox(state)
     assert stats["bytes"] <= entry * 12 + entry and stats["dropped"] >= 25
     assert stats["queued"] + stats["dropped"] == 40
+    # a row the collector refuses (a field over its limit) is found by halving the batch and
+    # counted as dropped; the rows around it still arrive
+    fill_outbox(state, 1, signer="MMSoft Design " + "x" * 40000)
+    ids += fill_outbox(state, 5)
     port = free_port()
     with LiveCollector(tmp_path / "collector", port, tls=(cert_file, key_file), ca_file=ca_file) as live:
         # verification is on by default: without the CA the agent refuses the server
@@ -218,7 +224,9 @@ def test_tls_with_a_throwaway_ca_and_bounded_outbox_reports_drops(tmp_path):
         assert ok.returncode == 0, ok.stderr
         got = collector_report_ids(live)
         assert got and set(got) <= set(ids) and max(got) == max(ids)  # the newest rows survived
-        assert device_info(live)["DroppedRows"] == stats["dropped"]  # shown per device
+        assert set(ids[-5:]) <= set(got)
+        assert outbox(state)["queued"] == 0
+        assert device_info(live)["DroppedRows"] == stats["dropped"] + 1  # shown per device
 
 
 def test_plain_http_only_to_loopback_and_backoff_has_jitter():
