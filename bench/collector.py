@@ -48,14 +48,26 @@ GENERIC = [
 BATCH = 1000  # the agent's batch size
 
 
-def iter_rows(rules, n: int, hit_fraction: float, now: dt.datetime, devices: int, seed: int = 1, first_device: int = 0):
+def iter_rows(
+    rules,
+    n: int,
+    hit_fraction: float,
+    now: dt.datetime,
+    devices: int,
+    seed: int = 1,
+    first_device: int = 0,
+    tools_per_device: int = 0,
+):
+    """Rows over ``devices``; a ``hit_fraction`` share signed by RMM vendors, drawn from
+    ``tools_per_device`` vendors per device (0: from all of them, the worst case)."""
     rnd = random.Random(seed)
     rmm = signers_of(rules)
+    per_device = [rnd.sample(rmm, tools_per_device) if tools_per_device else rmm for _ in range(devices)]
     counters = [0] * devices
     for _ in range(n):
         d = rnd.randrange(devices)
         counters[d] += 1
-        signer = rnd.choice(rmm) if rnd.random() < hit_fraction else rnd.choice(GENERIC)
+        signer = rnd.choice(per_device[d]) if rnd.random() < hit_fraction else rnd.choice(GENERIC)
         ts = now - dt.timedelta(seconds=rnd.uniform(0, 8 * 86400))
         yield make_row(first_device + d, counters[d], signer, ts)
 
@@ -97,11 +109,23 @@ def bench_backend(name: str, url: str, rules, args, now: dt.datetime) -> dict:
             started = time.perf_counter()
             n, secs, _cpu = ingest(
                 collector,
-                iter_rows(rules, args.rows - have, args.hit_fraction, now, 5000, seed=3, first_device=10_000),
+                iter_rows(
+                    rules,
+                    args.rows - have,
+                    args.hit_fraction,
+                    now,
+                    5000,
+                    seed=3,
+                    first_device=10_000,
+                    tools_per_device=args.tools_per_device,
+                ),
                 batch=10000,
             )
             out["load_rows_per_s"] = round(n / secs)
-            print(f"{name}: loaded {n:,} more rows in {time.perf_counter() - started:.0f}s ({n / secs:,.0f} rows/s)")
+            print(
+                f"{name}: loaded {n:,} more rows ({args.tools_per_device or 'all'} RMM vendors per device) "
+                f"in {time.perf_counter() - started:.0f}s ({n / secs:,.0f} rows/s)"
+            )
         out["stored_rows"] = collector.count_rows()
         timings = []
         for _ in range(args.repeat):
@@ -124,6 +148,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows stored for the hunt latency")
     parser.add_argument("--ingest-rows", type=int, default=20_000, help="rows per ingest measurement")
     parser.add_argument("--hit-fraction", type=float, default=0.5, help="share of RMM rows in the large store")
+    parser.add_argument(
+        "--tools-per-device", type=int, default=3, help="RMM vendors per device in the large store (0: all of them)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-collector.json"))
