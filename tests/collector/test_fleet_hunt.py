@@ -42,3 +42,21 @@ def test_sql_hunt_equals_python_evaluator(backend, request, tmp_path, shipped_ru
         assert _canon(collector.hunt(now=later)) == _canon(run_hunt([dict(r) for r in rows], shipped_rules, now=later))
     finally:
         collector.close()
+
+
+def test_identical_fleet_hunts_and_matrix_on_sqlite_and_postgresql(tmp_path, fresh_pg, shipped_rules, now):
+    from collector.storage import matrix_cells
+
+    rows = fleet_rows(shipped_rules, now, devices=3, per_device=80, seed=11)
+    out = []
+    for url in (f"sqlite:///{tmp_path}/c.db", fresh_pg):
+        collector = Collector(url, shipped_rules)
+        try:
+            collector.start(background=False)
+            collector.ingest(rows)
+            cells = sorted(matrix_cells(collector, now - dt.timedelta(days=5)), key=lambda c: (c.device_id, c.tool))
+            out.append((_canon(collector.hunt(now=now)), cells))
+        finally:
+            collector.close()
+    assert out[0] == out[1]
+    assert out[0][0] and out[0][1]
