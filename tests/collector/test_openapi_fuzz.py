@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.collector.conftest import free_port
 from tests.collector.live import API_TOKEN, LiveCollector
 
-EXAMPLES_PER_OPERATION = 25
+EXAMPLES_PER_OPERATION = 15
 
 
 @pytest.fixture(scope="module")
