@@ -194,7 +194,7 @@ def hash_node_key(node_key: str) -> str:
     return hashlib.sha256(node_key.encode("utf-8")).hexdigest()
 
 
-def ruleset_version(rules: Sequence[Rule]) -> str:
+def load_ruleset_version(rules: Sequence[Rule]) -> str:
     """A hash of the rule files (their bytes), the version that hunts report."""
     digest = hashlib.sha256()
     for rule in sorted(rules, key=lambda r: r.id):
@@ -229,7 +229,7 @@ class Collector:
         self.rules = list(rules)
         self.plans: list[FleetPlan] = [parse_fleet_plan(r) for r in self.rules]
         self.index = RuleIndex(self.plans)
-        self.ruleset = ruleset_version(self.rules)
+        self.ruleset = load_ruleset_version(self.rules)
         self._reeval: threading.Thread | None = None
         self._stop = threading.Event()
         for plan in self.plans:
