@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debs
 # Debian packages: osslsigncode + wixl (msitools) build the signed fixtures (make fixtures);
-# the tests and the scan need none beyond the base system (libcrypto for oscrypto).
+# the scan needs none beyond the base system (libcrypto for oscrypto); the tests also need
+# postgresql and chromium (test-debs below).
 DEB_PACKAGES := openssl osslsigncode wixl
 SCAN_ARGS ?=
 
-.PHONY: install debs scan test lint fixtures bench fuzz catalog-report build clean
+.PHONY: install debs test-debs scan test lint fixtures bench fuzz catalog-report build clean
 
 install: $(STAMP)
 
@@ -35,6 +36,18 @@ $(DEB_STAMP):
 
 debs: $(DEB_STAMP)
 
+# The collector tests run a real PostgreSQL and a real headless Chromium (Debian packages
+# postgresql and chromium), installed here only when missing.
+test-debs:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 # The main job: scan this machine's default roots into the embedded SQLite store and print the report.
 # stdout carries the report only (no recipe echo); the install runs quietly into $(VENV)/install.log,
 # shown only if it fails. make itself can only exit 0 or 2: a clean scan exits 0, anything else
@@ -46,11 +59,11 @@ scan:
 	case $$rc in 0) ;; 1) echo "make scan: rmmhunt exit 1 (findings)" >&2 ;; *) echo "make scan: rmmhunt exit $$rc (error)" >&2 ;; esac; \
 	exit $$rc
 
-test: install
+test: install test-debs
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff check agent collector tests bench
 	$(BIN)/mypy
 
 fixtures: install debs

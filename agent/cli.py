@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from rich.text import Text
 
-from agent import __version__, config_cli, store_cli
+from agent import __version__, config_cli, forward_cli, store_cli
 from agent.output import (
     FORMATS,
     OutputError,
@@ -31,6 +31,7 @@ from agent.service import cli as runtime_cli
 from agent.settings import ConfigError, Settings, load_settings
 from agent.store import StoreError
 from agent.sweep import cli as sweep_cli
+from collector import cli as collector_cli  # the collector's commands (its CLI imports the agent lazily)
 
 log = logging.getLogger("rmmhunt")
 
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_cli.add_parser(sub)
     runtime_cli.add_parser(sub, _global_options)
     sweep_cli.add_parser(sub)
+    forward_cli.add_parser(sub)
+    collector_cli.add_parser(sub)
     return parser
 
 
@@ -632,6 +635,7 @@ COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd
 COMMANDS["config"] = config_cli.run
 COMMANDS["store"] = store_cli.run
 COMMANDS["sweep"] = sweep_cli.run
+COMMANDS.update(forward=forward_cli.run, collector=collector_cli.run)
 COMMANDS.update(dict.fromkeys(runtime_cli.COMMAND_NAMES, runtime_cli.run))
 
 

@@ -390,6 +390,7 @@ class Scanner:
                 else:
                     stats.excluded_hits += 1
         self.store.insert_hits(records)
+        self.store.queue_outbox(rows, {(r[0], r[1]) for r in records if r[5] is None})  # fleet: same transaction
         stats.rows += len(rows)
 
     # --- a whole walk

@@ -550,6 +550,14 @@ class Store:
         own, so they never collide with the swept machine's agent counter). Never lowers the counter."""
         self._raise_counter(device_id, "ReportId", floor)
 
+    def _add_counter(self, device_id: str, name: str, delta: int) -> None:
+        """Add ``delta`` (may be negative) to a bookkeeping counter (the outbox's bytes and drops)."""
+        self.db.execute(
+            "INSERT INTO counters (device_id, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (device_id, name) DO UPDATE SET value = value + excluded.value",
+            (device_id, name, delta),
+        )
+
     def _next_report_id(self, device_id: str) -> int:
         """Above the counter, above every stored ReportId (a counter found behind heals here) and above
         the floor a repair sets when it could not read the counters (``report_id_floor`` in meta)."""
@@ -688,3 +696,126 @@ class Store:
     def _has_table(self, name: str) -> bool:
         row = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
         return row is not None
+
+    # --- outbox (fleet)
+    # Rows waiting for the collector, queued in the same transaction as the rows (scan's
+    # store_rows), bounded in bytes: the oldest are dropped first and counted. Forwarding is
+    # off until `rmmhunt forward` records a policy in meta (outbox_forward = hits | all).
+    _OUTBOX_DDL = (
+        "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, "
+        "report_id INTEGER NOT NULL, payload TEXT NOT NULL, bytes INTEGER NOT NULL)"
+    )
+
+    def outbox_policy(self) -> tuple[str, int] | None:
+        """(forward mode, max outbox bytes), or None while forwarding is not set up."""
+        sql = "SELECT key, value FROM meta WHERE key IN ('outbox_forward', 'outbox_max_bytes')"
+        got = dict(self.db.execute(sql).fetchall())
+        if "outbox_forward" not in got:
+            return None
+        return got["outbox_forward"], int(got.get("outbox_max_bytes", 0))
+
+    def set_outbox_policy(self, forward: str, max_bytes: int) -> bool:
+        """Record the policy; True when forwarding was not set up before (the caller backfills)."""
+        first = self.outbox_policy() is None
+        self.db.execute(self._OUTBOX_DDL)
+        self.db.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [("outbox_forward", forward), ("outbox_max_bytes", str(int(max_bytes)))],
+        )
+        return first
+
+    def queue_outbox(self, rows: Sequence[dict[str, Any]], hit_keys: set[tuple[str, int]]) -> None:
+        """Queue new rows for the collector: those in ``hit_keys`` ((DeviceId, ReportId) with a rule
+        hit not excluded), or every row when the policy is ``all``."""
+        policy = self.outbox_policy()
+        if policy is None or not rows:
+            return
+        from agent.transport.outbox import encode_entry
+
+        forward, max_bytes = policy
+        entries = []
+        for row in rows:
+            if forward == "all" or (row["DeviceId"], row["ReportId"]) in hit_keys:
+                payload = encode_entry(row)
+                entries.append((row["DeviceId"], row["ReportId"], payload, len(payload.encode("utf-8"))))
+        if not entries:
+            return
+        self.db.executemany("INSERT INTO outbox (device_id, report_id, payload, bytes) VALUES (?, ?, ?, ?)", entries)
+        self._add_counter("", "outbox_bytes", sum(e[3] for e in entries))
+        if max_bytes > 0 and self.counter("", "outbox_bytes") > max_bytes:
+            self._outbox_trim(max_bytes)
+
+    def _outbox_trim(self, max_bytes: int) -> None:
+        excess = self.counter("", "outbox_bytes") - max_bytes
+        freed = dropped = 0
+        last = None
+        for seq, size in self.db.execute("SELECT seq, bytes FROM outbox ORDER BY seq"):
+            if freed >= excess:
+                break
+            freed += size
+            dropped += 1
+            last = seq
+        if last is None:
+            return
+        self.db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+        self._add_counter("", "outbox_bytes", -freed)
+        self._add_counter("", "outbox_dropped", dropped)
+        log.warning("outbox over %d bytes: dropped the %d oldest rows", max_bytes, dropped)
+
+    def outbox_backfill(self) -> int:
+        """Queue the rows stored before forwarding was set up (by the policy); returns the count."""
+        self.db.execute(self._OUTBOX_DDL)
+        sql = "SELECT DISTINCT device_id, report_id FROM hits WHERE excluded_by IS NULL"
+        hit_keys = {(d, r) for d, r in self.db.execute(sql)}
+        queued = 0
+        batch: list[dict[str, Any]] = []
+        for row in self.iter_rows():
+            batch.append(row)
+            if len(batch) >= 1000:
+                before = self.outbox_stats()["queued"]
+                self.queue_outbox(batch, hit_keys)
+                queued += self.outbox_stats()["queued"] - before
+                batch = []
+        before = self.outbox_stats()["queued"]
+        self.queue_outbox(batch, hit_keys)
+        return queued + self.outbox_stats()["queued"] - before
+
+    def outbox_batch(self, max_rows: int, max_bytes: int) -> list[tuple[int, str]]:
+        """The oldest entries, (seq, payload), at most ``max_rows`` and about ``max_bytes``."""
+        self.db.execute(self._OUTBOX_DDL)
+        out: list[tuple[int, str]] = []
+        size = 0
+        for seq, payload, nbytes in self.db.execute(
+            "SELECT seq, payload, bytes FROM outbox ORDER BY seq LIMIT ?", (max_rows,)
+        ):
+            if out and size + nbytes > max_bytes:
+                break
+            out.append((seq, payload))
+            size += nbytes
+        return out
+
+    def outbox_ack(self, seqs: Sequence[int], *, dropped: int = 0) -> None:
+        """Delete entries the collector acknowledged (or refused for good: counted as dropped)."""
+        if not seqs:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            freed = 0
+            for start in range(0, len(seqs), 500):
+                chunk = list(seqs[start : start + 500])
+                marks = ",".join("?" for _ in chunk)
+                freed += self.db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM outbox WHERE seq IN ({marks})",
+                                         chunk).fetchone()[0]
+                self.db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
+            self._add_counter("", "outbox_bytes", -freed)
+            if dropped:
+                self._add_counter("", "outbox_dropped", dropped)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def outbox_stats(self) -> dict[str, int]:
+        self.db.execute(self._OUTBOX_DDL)
+        queued, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox").fetchone()
+        return {"queued": int(queued), "bytes": int(size), "dropped": self.counter("", "outbox_dropped")}
