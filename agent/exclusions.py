@@ -49,6 +49,10 @@ field                                            row column
 ``process.parent.name`` (alias                   ParentProcessName
 ``process.parent_process_name``)
 ``device.name``                                  DeviceName
+``file.original_name``                           VersionInfoOriginalFileName (signed version info)
+``file.product``                                 VersionInfoProductName
+``file.company``                                 VersionInfoCompanyName
+``file.description``                             VersionInfoFileDescription
 ===============================================  ================================================
 
 Fields that a hunting guide may use but the agent cannot observe (``event_id``, network or
@@ -231,6 +235,10 @@ def _fields() -> dict[str, _Field]:
         ("process.pid", _NUMBER, "ProcessId"),
         ("process.parent.name", _TEXT, "ParentProcessName"),
         ("device.name", _TEXT, "DeviceName"),
+        ("file.original_name", _TEXT, "VersionInfoOriginalFileName"),
+        ("file.product", _TEXT, "VersionInfoProductName"),
+        ("file.company", _TEXT, "VersionInfoCompanyName"),
+        ("file.description", _TEXT, "VersionInfoFileDescription"),
     )
     table = {name: _Field(name, kind, column, _column(column, kind)) for name, kind, column in plain}
     table["file.directory"] = _Field("file.directory", _TEXT, "FolderPath", _file_directory)
@@ -261,6 +269,10 @@ VALID_FIELDS: tuple[str, ...] = (
     "process.parent.name",
     "process.parent_process_name",
     "device.name",
+    "file.original_name",
+    "file.product",
+    "file.company",
+    "file.description",
 )
 
 # Row column name -> field, so `FileName == "x"` gets a pointed hint.

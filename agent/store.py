@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from agent.extract.authenticode import FileFacts, SignatureFacts
 from agent.extract.certinfo import CertIdentity
+from agent.extract.versioninfo import VersionInfo
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
 from agent.textenc import from_db, to_db
 
@@ -99,6 +100,7 @@ def facts_from_json(text: str) -> FileFacts:
         sigs.append(SignatureFacts(**s))
     raw["signatures"] = tuple(sigs)
     raw["warnings"] = tuple(raw.get("warnings", ()))
+    raw["version_info"] = VersionInfo(**(raw.get("version_info") or {}))  # absent in caches before 11.1
     return FileFacts(**raw)
 
 

@@ -30,6 +30,7 @@ from signify.x509.context import CombinedCertificateStore
 from agent.compat import signify_speedups
 from agent.extract import sniff
 from agent.extract.certinfo import CertIdentity, parse_certificate
+from agent.extract.versioninfo import VersionInfo, read_signed_version_info
 
 signify_speedups.install()
 
@@ -64,6 +65,7 @@ class FileFacts:
     sha256: str = ""
     signatures: tuple[SignatureFacts, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    version_info: VersionInfo = field(default=VersionInfo())  # signed VS_VERSIONINFO / MSI summary
 
 
 class ExtractTimeout(Exception):
@@ -357,7 +359,12 @@ def _facts_of_signed(
                 signature_type="Embedded",
             )
         )
-    return FileFacts("OK", kind, size, sha1=sha1, sha256=sha256, signatures=tuple(facts), warnings=tuple(warnings))
+    deadline.check("reading version info")
+    version_info, version_warnings = read_signed_version_info(signed, kind, size)
+    return FileFacts(
+        "OK", kind, size, sha1=sha1, sha256=sha256, signatures=tuple(facts),
+        warnings=tuple(warnings) + version_warnings, version_info=version_info,
+    )  # fmt: skip
 
 
 def _whole_file_hashes(stream: BinaryIO) -> tuple[str, str]:
