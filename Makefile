@@ -53,7 +53,7 @@ bench: install
 	$(BIN)/python bench/run.py
 
 catalog-report: install
-	$(BIN)/python -m agent.catalog_report
+	$(BIN)/python -m agent.catalog.report
 
 clean:
 	rm -rf $(VENV) build/dist build/work

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.catalog_attribution import (
+from agent.catalog.attribution import (
     CORE_GENERIC_SIGNERS,
     CertificateHits,
     LolrmmCatalog,
@@ -32,8 +32,8 @@ from agent.catalog_attribution import (
     rule_tool,
     signer_row,
 )
-from agent.catalog_report import build_report
-from agent.catalog_report import main as report_main
+from agent.catalog.report import build_report
+from agent.catalog.report import main as report_main
 from agent.resources import rule_attribution_file, shipped_rules_dir
 from agent.rules.loader import Rule, load_rules
 from agent.rules_cli import rules_check, rules_list
@@ -62,7 +62,7 @@ ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://rmmhunt.invalid/config/ru
 RADMIN_COMMIT = "7bb251e68abd13989445195e9d812cb189277715"
 
 # Recall pinned slightly below what the catalog reaches (225/275 = 81.8 %, vendor 222/222), so that
-# losing a few certificates fails. Regenerate the figures with `python -m agent.catalog_report`.
+# losing a few certificates fails. Regenerate the figures with `python -m agent.catalog.report`.
 MIN_RECALL = 0.81
 MIN_VENDOR_RECALL = 0.995
 
@@ -463,5 +463,5 @@ def test_attribution_covers_every_rule(attributed_rules: tuple[Rule, ...], plain
 def test_attribution_file_is_up_to_date(plain_rules: tuple[Rule, ...], hits: tuple[CertificateHits, ...]) -> None:
     expected = format_attribution(compute_attribution(plain_rules, hits, load_generic_signers()), plain_rules)
     assert rule_attribution_file().read_text(encoding="utf-8") == expected, (
-        "config/rule_attribution.yaml is stale: run python -m agent.catalog_attribution"
+        "config/rule_attribution.yaml is stale: run python -m agent.catalog.attribution"
     )

@@ -2,7 +2,7 @@
 vendor certificates, and proof that no rule fires on a generic signer.
 
 Every DER certificate in LOLRMM is turned into the row the extractor would emit (see
-agent.catalog_attribution) and run through every rule's row filter. A certificate of tool T is
+agent.catalog.attribution) and run through every rule's row filter. A certificate of tool T is
 *caught* when a rule attributed to T (its `tool`, or T in its `shared_with`) fires on it, either on
 the signer alone or together with one of the file names LOLRMM gives for T.
 
@@ -10,7 +10,7 @@ Two recall figures are printed: over all certificates, and over vendor certifica
 out generic signers such as Microsoft Corporation and certificates LOLRMM files under the wrong
 tool, both listed in config/generic_signers.yaml with their reason).
 
-Usage: python -m agent.catalog_report [--json] [--reference DIR] [--rules DIR] [--attribution FILE]
+Usage: python -m agent.catalog.report [--json] [--reference DIR] [--rules DIR] [--attribution FILE]
 Exit status: 0, or 1 if a rule fires on a generic signer or the catalog has load problems.
 """
 
@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.catalog_attribution import (
+from agent.catalog.attribution import (
     DEFAULT_REFERENCE_DIR,
     REFERENCE_ENV,
     CertificateHits,
@@ -249,7 +249,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.catalog_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.catalog.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--rules", type=Path, action="append", help="rules directory (default: the shipped one)")
     parser.add_argument(
