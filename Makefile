@@ -10,7 +10,7 @@ DEB_STAMP := $(VENV)/.debs
 DEB_PACKAGES := openssl osslsigncode wixl
 SCAN_ARGS ?=
 
-.PHONY: install debs scan test lint fixtures bench catalog-report clean
+.PHONY: install debs scan test lint fixtures bench catalog catalog-report clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ fixtures: install debs
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# Rebuild config/rules/rmmhunt_*.yaml and config/rule_attribution.yaml from config/catalog_curated.yaml
+# and the LOLRMM reference data (../shared/reference or $$RMMHUNT_REFERENCE_DIR); deterministic.
+catalog: install
+	$(BIN)/python -m agent.catalog.generate
 
 catalog-report: install
 	$(BIN)/python -m agent.catalog.report

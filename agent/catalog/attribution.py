@@ -276,7 +276,7 @@ def parse_lolrmm(
                 identity=identity,
             )
         )
-    file_names = {tool: tuple(sorted(values, key=str.lower)) for tool, values in sorted(names.items())}
+    file_names = {tool: tuple(sorted(values, key=lambda n: (n.lower(), n))) for tool, values in sorted(names.items())}
     return LolrmmCatalog(tuple(certificates), tuple(without_der), file_names, tuple(invalid))
 
 
