@@ -72,6 +72,17 @@ def _format_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE", help="write the output to FILE instead of stdout")
 
 
+_TECHNIQUE_HELP = "only rules with this ATT&CK technique, e.g. T1219 (repeatable; T1021 includes T1021.004)"
+
+
+def _by_technique(rules: list[Any], techniques: list[str] | None) -> list[Any]:
+    """Rules whose relevantTechniques hold one of ``techniques`` or a sub-technique of one (--technique)."""
+    if not techniques:
+        return rules
+    wanted = {t.strip().upper() for t in techniques}
+    return [r for r in rules if any(t.upper() in wanted or t.upper().split(".")[0] in wanted for t in r.techniques)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmmhunt", description="Find RMM tools by their Authenticode signers.")
     parser.add_argument("--version", action="version", version=f"rmmhunt {__version__}")
@@ -90,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="read signers only: no hashing, no trust check")
     p.add_argument("--follow-symlinks", action="store_true", help="follow directory symlinks (loops detected)")
     p.add_argument("--rows", action="store_true", help="list the rows behind each result")
+    p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
     _format_options(p)
 
     p = add("hunt", "run the rules over the local store")
     p.add_argument("--rule", action="append", metavar="ID", help="only this rule id (repeatable)")
+    p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
     p.add_argument("--rows", action="store_true", help="list the rows behind each result")
     p.add_argument("--include-excluded", action="store_true", help="also count rows that exclusions removed")
     _format_options(p)
@@ -329,7 +342,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 progress.done()
         results = _hunt(
             store,
-            rules,
+            _by_technique(rules, args.technique),
             roots=None if not args.paths else roots,
             include_excluded=False,
             exclusions=exclusions,
@@ -364,6 +377,7 @@ def cmd_hunt(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"unknown rule id(s): {', '.join(sorted(unknown))}")
         rules = [r for r in rules if r.id in wanted]
+    rules = _by_technique(rules, args.technique)
     exclusions = _load_exclusions(settings)
     with _open_store(settings) as store:
         results = _hunt(store, rules, roots=None, include_excluded=args.include_excluded, exclusions=exclusions)

@@ -576,3 +576,26 @@ def test_report_gives_techniques_and_attacker_controlled_count(
     assert "MEGAsync" in report["techniques"]["T1567.002"]["tools"]
     assert report["tools"]["MEGAsync"]["techniques"] == ["T1567.002"]
     assert report["tools"]["Goverlan"]["techniques"] == ["T1219"]
+
+
+def test_technique_option_filters_scan_and_hunt(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    renamed = FIXTURE_MANIFEST.parent / "files" / "renamed"
+    state = tmp_path / "state"
+
+    def rmmhunt(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "agent.cli", *args, "--state-dir", str(state), "--format", "json"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+    scan = rmmhunt("scan", str(renamed), "--technique", "T1567.002", "--no-progress")
+    assert scan.returncode == 0, scan.stderr  # the renamed tools are remote access, not exfiltration
+    assert json.loads(scan.stdout)["results"] == []
+    hunt = rmmhunt("hunt", "--technique", "t1219")
+    assert hunt.returncode == 1, hunt.stderr
+    payload = json.loads(hunt.stdout)
+    records = payload["results"] if isinstance(payload, dict) else payload  # a list today, an object per SPEC
+    tools = {record["Tool"] for record in records}
+    assert {"Goverlan", "RemoteCall", "Veyon", "RuDesktop", "GoToAssist"} <= tools
+    assert rmmhunt("hunt", "--technique", "T1021").returncode == 0  # no SSH client or connection manager here
