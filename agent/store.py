@@ -47,6 +47,19 @@ CREATE TABLE IF NOT EXISTS file_cache (
 """
 
 
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A store made before a column joined the schema (the VersionInfo* columns of issue 11.1) gets it
+    added, empty: otherwise every insert fails on an upgraded agent."""
+    present = {row[1] for row in db.execute('PRAGMA table_info("cert_rows")')}
+    for name in COLUMN_NAMES:
+        if name not in present:
+            try:
+                db.execute(f'ALTER TABLE cert_rows ADD COLUMN "{name}" {_SQL_TYPES[COLUMN_TYPES[name]]}')
+            except sqlite3.OperationalError as exc:  # a read-only store: reads of old columns still work
+                log.warning("store: cannot add column %s: %s", name, exc)
+                return
+
+
 class CacheEntry(NamedTuple):  # a tuple: hundreds of thousands are loaded at scan start
     st_dev: int
     st_ino: int
@@ -141,6 +154,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_ddl())
+        _add_missing_columns(self.db)
         self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:

@@ -201,3 +201,22 @@ def test_garbage_is_a_warning() -> None:
 def test_exclusion_fields(expression: str, expected: bool, verifier: TrustVerifier) -> None:
     (row,) = _rows("files/renamed/goverlan/update.exe", verifier)
     assert parse_expression(expression).matches(row) is expected
+
+
+def test_a_store_from_before_the_version_columns_gets_them(tmp_path: Path, verifier: TrustVerifier) -> None:
+    import sqlite3
+
+    from agent.store import Store
+
+    path = tmp_path / "rmmhunt.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    for column in COLUMNS:  # the pre-11.1 table
+        db.execute(f'ALTER TABLE cert_rows DROP COLUMN "{column}"')
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        rows = _rows("files/renamed/veyon/update.exe", verifier)
+        store.insert_rows(rows)
+        (stored,) = list(store.iter_rows())
+    assert stored["VersionInfoProductName"] == "Veyon"
