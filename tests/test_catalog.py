@@ -483,8 +483,8 @@ def test_attribution_file_is_up_to_date(plain_rules: tuple[Rule, ...], hits: tup
 def test_committed_rules_are_what_make_catalog_generates(lolrmm: LolrmmCatalog) -> None:
     generated = generate_rules(load_curated(), lolrmm, load_generic_signers())
     assert len(generated) == len(list(RULES_DIR.glob("rmmhunt_*_filesig.yaml"))) >= 79
+    # Equal to the committed bytes, which another process (another hash seed) wrote: deterministic.
     assert diff_rules(generated, RULES_DIR) == [], "config/rules is stale: run make catalog"
-    assert generate_rules(load_curated(), lolrmm, load_generic_signers()) == generated  # deterministic
 
 
 def test_no_rule_depends_only_on_attacker_controlled_columns(plain_rules: tuple[Rule, ...]) -> None:
