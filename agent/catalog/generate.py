@@ -320,16 +320,27 @@ def render_rule(rule: CuratedRule, evidence: Sequence[tuple[str, str]]) -> str:
 
 
 def rule_evidence(
-    query: Query, rule: CuratedRule, catalog: LolrmmCatalog, generic: GenericSigners
+    query: Query,
+    rule: CuratedRule,
+    catalog: LolrmmCatalog,
+    generic: GenericSigners,
+    rows: dict[tuple[str, str, str], dict[str, Any]] | None = None,
 ) -> tuple[tuple[str, str], ...]:
     """The LOLRMM certificates the rule fires on (signer alone, or with one of the file names LOLRMM
     gives for the certificate's tool). A generic signer counts only under this rule's own tool (Google
     LLC for Chrome Remote Desktop); a certificate misfiled under this tool does not. For certificates LOLRMM
     lists without DER, the signer name (with those file names) must fire."""
     found: dict[str, str] = {}
+    rows = {} if rows is None else rows  # (tool, sha1, file name) -> row, shared across rules
 
     def fires(row: Mapping[str, Any]) -> bool:
         return query.filter_row(row, now=EVAL_NOW) is not None
+
+    def cert_row(cert: Any, file_name: str = "") -> dict[str, Any]:
+        key = (cert.tool, cert.sha1, file_name)
+        if key not in rows:
+            rows[key] = certificate_row(cert, now=EVAL_NOW, file_name=file_name)
+        return rows[key]
 
     for cert in catalog.certificates:
         if cert.tool != rule.tool and generic.generic_reason(cert.signer) is not None:
@@ -337,11 +348,11 @@ def rule_evidence(
         if cert.tool == rule.tool and generic.not_vendor_reason(cert.tool, cert.signer) is not None:
             continue  # misfiled under this tool: another vendor's certificate
         listed = ", ".join(cert.listed_as)
-        if fires(certificate_row(cert, now=EVAL_NOW)):
+        if fires(cert_row(cert)):
             found.setdefault(cert.sha1, f"{cert.signer}; LOLRMM {listed}")
             continue
         for name in catalog.file_names.get(cert.tool, ()):
-            if fires(certificate_row(cert, now=EVAL_NOW, file_name=name)):
+            if fires(cert_row(cert, name)):
                 found.setdefault(cert.sha1, f"{cert.signer}; LOLRMM {listed}; with FileName {name}")
                 break
     for listing in catalog.without_der:
@@ -362,9 +373,10 @@ def rule_evidence(
 def generate_rules(curated: Sequence[CuratedRule], catalog: LolrmmCatalog, generic: GenericSigners) -> dict[str, str]:
     """file name -> text for every supplementary rule (pure)."""
     out = {}
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for rule in curated:
         query = parse_query(render_query(rule))
-        out[rule.file_name] = render_rule(rule, rule_evidence(query, rule, catalog, generic))
+        out[rule.file_name] = render_rule(rule, rule_evidence(query, rule, catalog, generic, rows))
     return out
 
 
