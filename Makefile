@@ -11,7 +11,7 @@ DEB_STAMP := $(VENV)/.debs
 DEB_PACKAGES := openssl osslsigncode wixl
 SCAN_ARGS ?=
 
-.PHONY: install debs test-debs scan test lint fixtures bench fuzz catalog-report build clean
+.PHONY: install debs test-debs scan test lint fixtures bench fuzz catalog catalog-report build clean
 
 install: $(STAMP)
 
@@ -82,8 +82,13 @@ build: install
 	$(BIN)/python -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/work build/rmmhunt.spec
 	@ls -l dist/rmmhunt
 
+# Rebuild config/rules/rmmhunt_*.yaml and config/rule_attribution.yaml from config/catalog_curated.yaml
+# and the LOLRMM reference data (../shared/reference or $$RMMHUNT_REFERENCE_DIR); deterministic.
+catalog: install
+	$(BIN)/python -m agent.catalog.generate
+
 catalog-report: install
-	$(BIN)/python -m agent.catalog_report
+	$(BIN)/python -m agent.catalog.report
 
 clean:
 	rm -rf $(VENV) build/dist build/work dist

@@ -103,6 +103,17 @@ def _format_options(parser: argparse.ArgumentParser, *, views: bool = False) -> 
         parser.add_argument("--rows", action="store_true", help="list the rows behind each result")
 
 
+_TECHNIQUE_HELP = "only rules with this ATT&CK technique, e.g. T1219 (repeatable; T1021 includes T1021.004)"
+
+
+def _by_technique(rules: list[Any], techniques: list[str] | None) -> list[Any]:
+    """Rules whose relevantTechniques hold one of ``techniques`` or a sub-technique of one (--technique)."""
+    if not techniques:
+        return rules
+    wanted = {t.strip().upper() for t in techniques}
+    return [r for r in rules if any(t.upper() in wanted or t.upper().split(".")[0] in wanted for t in r.techniques)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmmhunt", description="Find RMM tools by their Authenticode signers.")
     parser.add_argument("--version", action="version", version=f"rmmhunt {__version__}")
@@ -128,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-symlinks", action="store_true", help="follow directory symlinks (loops detected)")
     p.add_argument("--strict", action="store_true", help="exit 2 when the scan is incomplete and found nothing")
     p.add_argument("--processes", action="store_true", help="the images and mapped files of running processes")
+    p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
     _format_options(p, views=True)
 
     p = add("hunt", "run the rules over the local store: the history inside each rule's time window", HUNT_HELP)
     p.add_argument("--rule", action="append", metavar="ID", help="only this rule id (repeatable)")
+    p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
     p.add_argument("--include-excluded", action="store_true", help="also count rows that exclusions removed")
     _format_options(p, views=True)
 
@@ -467,7 +480,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
         finally:
             if progress is not None:
                 progress.close()
-        results = _hunt(store, rules, current=stats.current, include_excluded=False, exclusions=exclusions)
+        results = _hunt(
+            store,
+            _by_technique(rules, args.technique),
+            current=stats.current,
+            include_excluded=False,
+            exclusions=exclusions,
+        )
     findings = findings_of(results)
     counts = tally(findings)
     _fill_cached_details(stats.errors, settings)
@@ -529,6 +548,7 @@ def cmd_hunt(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"unknown rule id(s): {', '.join(sorted(unknown))}")
         rules = [r for r in rules if r.id in wanted]
+    rules = _by_technique(rules, args.technique)
     exclusions = _load_exclusions(settings, rules)
     with _open_store(settings, write=False) as store:
         results = _hunt(store, rules, current=None, include_excluded=args.include_excluded, exclusions=exclusions)

@@ -287,6 +287,19 @@ class StoreLock:
         self.release()
 
 
+def _add_missing_columns(db: Any) -> None:
+    """A store made before a column joined the schema (the VersionInfo* columns of issue 11.1) gets it
+    added, empty: otherwise every insert fails on an upgraded agent."""
+    present = {row[1] for row in db.execute('PRAGMA table_info("cert_rows")')}
+    for name in COLUMN_NAMES:
+        if name not in present:
+            try:
+                db.execute(f'ALTER TABLE cert_rows ADD COLUMN "{name}" {_SQL_TYPES[COLUMN_TYPES[name]]}')
+            except sqlite3.OperationalError as exc:  # a read-only store: reads of old columns still work
+                log.warning("store: cannot add column %s: %s", name, exc)
+                return
+
+
 class CacheEntry(NamedTuple):  # a tuple: hundreds of thousands are loaded at scan start
     st_dev: int
     st_ino: int
@@ -332,6 +345,7 @@ def _decode(value: Any) -> Any:
 def facts_from_json(text: str) -> FileFacts:
     from agent.extract.authenticode import FileFacts, SignatureFacts
     from agent.extract.certinfo import CertIdentity
+    from agent.extract.versioninfo import VersionInfo
 
     raw = json.loads(text)
     sigs = []
@@ -343,6 +357,7 @@ def facts_from_json(text: str) -> FileFacts:
         sigs.append(SignatureFacts(**s))
     raw["signatures"] = tuple(sigs)
     raw["warnings"] = tuple(raw.get("warnings", ()))
+    raw["version_info"] = VersionInfo(**(raw.get("version_info") or {}))  # absent in caches before 11.1
     return FileFacts(**raw)
 
 
@@ -453,6 +468,7 @@ class Store:
                     db.execute(statement)
             if version is not None and version < 2:
                 _migrate_1_to_2(db, self.path)
+            _add_missing_columns(db)  # columns that joined the row schema later (VersionInfo*)
             db.execute(OBSERVATION_INDEX)
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             floor = db.execute("SELECT value FROM meta WHERE key='report_id_floor'").fetchone()
@@ -804,8 +820,9 @@ class Store:
             for start in range(0, len(seqs), 500):
                 chunk = list(seqs[start : start + 500])
                 marks = ",".join("?" for _ in chunk)
-                freed += self.db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM outbox WHERE seq IN ({marks})",
-                                         chunk).fetchone()[0]
+                freed += self.db.execute(
+                    f"SELECT COALESCE(SUM(bytes), 0) FROM outbox WHERE seq IN ({marks})", chunk
+                ).fetchone()[0]
                 self.db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
             self._add_counter("", "outbox_bytes", -freed)
             if dropped:

@@ -44,6 +44,7 @@ from agent.compat import signify_speedups
 from agent.extract import limits, sniff
 from agent.extract.certinfo import CertIdentity, parse_certificate
 from agent.extract.limits import MAX_CERT_TABLE_SIZE, MAX_CERTIFICATES, MAX_SIGNATURES, CapExceeded, Caps
+from agent.extract.versioninfo import VersionInfo, read_signed_version_info
 
 signify_speedups.install()
 
@@ -90,6 +91,7 @@ class FileFacts:
     sha256: str = ""
     signatures: tuple[SignatureFacts, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    version_info: VersionInfo = field(default=VersionInfo())  # signed VS_VERSIONINFO / MSI summary
 
 
 class ExtractTimeout(BaseException):
@@ -630,7 +632,12 @@ def _facts_of_signatures(
             signatures=tuple(facts + unknown),
             warnings=tuple(warnings),
         )
-    return FileFacts("OK", kind, size, sha1=sha1, sha256=sha256, signatures=tuple(facts), warnings=tuple(warnings))
+    deadline.check("reading version info")
+    version_info, version_warnings = read_signed_version_info(signed, kind, size)
+    return FileFacts(
+        "OK", kind, size, sha1=sha1, sha256=sha256, signatures=tuple(facts),
+        warnings=tuple(warnings) + version_warnings, version_info=version_info,
+    )  # fmt: skip
 
 
 def _hashes(signed: Any, kind: str, sigs: list[AuthenticodeSignature]) -> tuple[str, str, dict[str, bytes]]:

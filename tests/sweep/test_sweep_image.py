@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -33,11 +35,15 @@ def findings_key(results) -> set[tuple[str, str, str]]:
     return out
 
 
+def top_level_files() -> dict[str, Path]:
+    """The fixtures directly in tests/fixtures/files (the images are built flat from them)."""
+    return {p.name: p for p in sorted(FILES.iterdir()) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
-    files = {p.name: p for p in sorted(FILES.iterdir())}
-    vol = images.ntfs_volume(d / "fixtures.ntfs", files)
+    vol = images.ntfs_volume(d / "fixtures.ntfs", top_level_files())
     small = images.ntfs_volume(d / "second.ntfs", {"dwservice.exe": FILES / "dwservice.exe"}, size_mb=4)
     mbr = images.mbr_disk(d / "mbr.raw", [vol, small])
     gpt = images.gpt_disk(d / "gpt.raw", [vol], ["Basic data partition"])
@@ -56,7 +62,10 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder_findings(tmp_path_factory):
     settings = load_settings(state_dir=str(tmp_path_factory.mktemp("state")))
-    return findings_key(run_sweep(str(FILES), settings, device_name="ir-host-01").results)
+    folder = tmp_path_factory.mktemp("top")  # the same files as the images hold: the top-level fixtures
+    for name, path in top_level_files().items():
+        shutil.copyfile(path, folder / name)
+    return findings_key(run_sweep(str(folder), settings, device_name="ir-host-01").results)
 
 
 def test_acceptance_qcow2_of_ntfs_gives_the_folder_findings_with_paths_inside_the_image(
@@ -111,7 +120,7 @@ def test_every_partition_of_an_mbr_disk_is_swept(built, tmp_path):
     dws = {row["FolderPath"] for r in outcome.results if r.rule.id == DWSERVICE for row in r.rows}
     assert {"partition1\\dwservice.exe", "partition2\\dwservice.exe"} <= dws
     # NTFS metadata files are the filesystem's own, never swept as files
-    assert outcome.stats["files"] == len(list(FILES.iterdir())) + 1
+    assert outcome.stats["files"] == len(top_level_files()) + 1
 
 
 def test_same_caps_as_scan_too_large_in_an_image(built, tmp_path):
