@@ -69,8 +69,12 @@ lint: install
 fixtures: install debs
 	$(BIN)/python tests/fixtures/generate.py
 
-bench: install
+# Speed figures as ratios inside one run: the scan engine and rules (run.py), the endpoint runtime
+# (watch latency, idle run, CPU cap, process sweep) and the collector (ingest, fleet hunt).
+bench: install test-debs
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/runtime_bench.py
+	$(BIN)/python bench/collector.py
 
 # Mutation fuzzing of the extractor (not part of make test; a seeded 2,000-case subset is).
 N ?= 100000

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tomllib
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,21 @@ def cmd_import(args: argparse.Namespace) -> int:
                 duplicates += result.duplicates
                 chunk.clear()
 
+        if zipfile.is_zipfile(path):  # a sweep bundle: verified whole before any row is read
+            from agent.sweep.bundle import BundleError, iter_bundle_rows
+
+            try:
+                for row in iter_bundle_rows(path, passphrase=os.environ.get("RMMHUNT_BUNDLE_PASSPHRASE", "")):
+                    chunk.append(parse_row(row, limits))
+                    if len(chunk) >= IMPORT_CHUNK:
+                        flush()
+            except BundleError as exc:
+                raise CollectorError(f"{path}: refused: {exc}") from exc
+            except WireError as exc:
+                raise CollectorError(f"{path}: refused: a row of the bundle: {exc.message}") from exc
+            flush()
+            print(f"imported {accepted} rows ({duplicates} already stored) from bundle {path}", file=sys.stderr)
+            return EXIT_CLEAN
         with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():

@@ -113,3 +113,45 @@ def test_collector_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RMMHUNT_COLLECTOR_URL", "http://collector.example.org")
     assert rmmhunt_main([*state, "forward", "--once"]) == 2
     assert "collector_url: plain http is allowed only to localhost" in capsys.readouterr().err
+
+
+def test_collector_imports_a_sweep_bundle_once_and_refuses_a_tampered_one(tmp_path, capsys):
+    import zipfile
+
+    from tests.conftest import FIXTURES
+
+    bundle = tmp_path / "ir.zip"
+    code = rmmhunt_main(
+        [
+            "--state-dir",
+            str(tmp_path / "sweeper"),
+            "sweep",
+            str(FIXTURES / "files"),
+            "--out",
+            str(bundle),
+            "--device-name",
+            "ir-host-01",
+        ]
+    )
+    assert code == 1 and bundle.is_file()
+    capsys.readouterr()
+    state = ["--state-dir", str(tmp_path / "c")]
+    assert rmmhunt_main([*state, "collector", "import", str(bundle)]) == 0
+    first = capsys.readouterr().err
+    assert "imported" in first and " 0 rows" not in first
+    assert rmmhunt_main([*state, "collector", "import", str(bundle)]) == 0  # idempotent
+    assert "imported 0 rows" in capsys.readouterr().err
+    assert rmmhunt_main([*state, "collector", "hunt", "--format", "json"]) == 1
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert {"Pulseway", "DWService"} <= {r["Tool"] for r in results if r["DeviceName"] == "ir-host-01"}
+    # one byte changed in a member: the whole bundle is refused, nothing is read from it
+    tampered = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "rows.jsonl":
+                data = data.replace(b"ir-host-01", b"ir-host-02", 1)
+            dst.writestr(info, data)
+    assert rmmhunt_main(["--state-dir", str(tmp_path / "c2"), "collector", "import", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rmmhunt: error:") and "refused" in err and err.count("\n") == 1
