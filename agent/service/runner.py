@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 finding_log = logging.getLogger("rmmhunt.finding")
 
 POLL_SECONDS = 0.05
+FORWARD_POLL_SECONDS = 2.0  # run: how often an empty outbox is looked at again
 BULK_POLL_SECONDS = 0.25  # how often a scan or sweep looks at the watches
 STATUS_EVERY = 2.0
 CONFIG_CHECK_EVERY = 2.0
@@ -356,6 +357,7 @@ class Runner:
         self.status = {"state": "starting", "last_error": "", "priority": lower_priority() if self.low_priority else {}}
         installed = self._install_signals()
         try:
+            self._start_forwarder(settings)
             self._start_watcher()
             self._write_status(force=True)
             self.full_scan("start: catch up with changes made while the agent was down")
@@ -370,6 +372,7 @@ class Runner:
             return 2
         finally:
             self._restore_signals(installed)
+            self._stop_forwarder()
             if self.watcher is not None:
                 self.watcher.stop()
             try:
@@ -378,6 +381,50 @@ class Runner:
                 self.pipeline.close()
             for handler in logging.getLogger().handlers:
                 handler.flush()
+
+    # --- forwarding (run only, when a collector is configured)
+    def _start_forwarder(self, settings: Settings) -> None:
+        """``run`` forwards continuously: a thread drains the outbox with its own connection to the
+        store (this process already holds the writer lock), backing off while the collector is down.
+        The policy is recorded first, so every row the scans store from now on is queued."""
+        self._forward_stop = threading.Event()
+        self._forward_thread: threading.Thread | None = None
+        if self.mode != "run" or not settings.collector_url:
+            return
+        from agent.store import Store
+        from agent.transport.sender import Sender, forward_config
+
+        config = forward_config(settings)
+        assert self.pipeline is not None
+        store = self.pipeline.store
+        if store.set_outbox_policy(config.forward, config.max_outbox_bytes):
+            log.info("forwarding set up (%s): %d stored rows queued", config.forward, store.outbox_backfill())
+        store.commit()  # the forwarding thread's connection must see the outbox table and policy
+        device = self.pipeline.loaded.device
+        sender = Sender(config, settings.state_dir, device.device_id, device.device_name)
+        stop = self._forward_stop
+
+        def forward() -> None:
+            try:
+                with Store(settings.database, commit_interval=settings.commit_interval) as own:
+                    sent = sender.drain(own, once=False, poll=FORWARD_POLL_SECONDS, sleep=stop.wait, stop=stop.is_set)
+                    log.info("forwarding stopped after %d rows", sent, extra={"event": "forward_stopped"})
+            except Exception as exc:  # crash-only: the status says so; the service manager restarts us
+                log.exception("forwarding failed: %s", exc, extra={"event": "forward_failed"})
+                self.status["last_error"] = f"forwarding: {exc}"
+            finally:
+                sender.close()
+
+        self._forward_thread = threading.Thread(target=forward, name="rmmhunt-forward", daemon=True)
+        self._forward_thread.start()
+
+    def _stop_forwarder(self) -> None:
+        stop = getattr(self, "_forward_stop", None)
+        thread = getattr(self, "_forward_thread", None)
+        if stop is not None:
+            stop.set()
+        if thread is not None:
+            thread.join(timeout=30)
 
     def _loop(self) -> int:
         assert self.watcher is not None
