@@ -28,7 +28,7 @@ from signify.x509 import Certificate, CertificateStore, VerificationContext
 from signify.x509.context import CombinedCertificateStore
 
 from agent.compat import signify_speedups
-from agent.extract import sniff
+from agent.extract import fastder, sniff
 from agent.extract.certinfo import CertIdentity, parse_certificate
 
 signify_speedups.install()
@@ -275,6 +275,10 @@ def extract_stream(
         if signed is None:
             return FileFacts("NOT_SIGNED", kind, size, detail=detail)
         deadline.check("reading the certificate table")
+        if verifier is None and kind == "PE":  # perf: signer facts by the DER reader; signify only verifies
+            fast = fastder.pe_facts(stream, size, header)
+            if fast is not None:
+                return fast
         return _facts_of_signed(signed, kind, size, verifier, deadline)
     except ExtractTimeout as exc:
         return FileFacts("TIMEOUT", _kind_guess(header), size, detail=str(exc))
