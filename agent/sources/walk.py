@@ -27,6 +27,7 @@ from agent.platform import DANGLING_SYMLINK, RELATIVE_OPEN, open_directory, spec
 log = logging.getLogger(__name__)
 
 MAX_OPEN_DIRS = 32  # directory descriptors held open at once, whatever the depth
+BATCH_FILES = 256  # items per batch of iter_batches (one directory's files, at most this many)
 
 
 class WalkItem(NamedTuple):  # a tuple: one per walked file, so cheap to build
@@ -154,6 +155,24 @@ def iter_files(
     they are not files, so they have no file status. With ``follow_symlinks`` each
     directory is entered once per (st_dev, st_ino), so symlink loops end.
     """
+    for batch in iter_batches(
+        roots, follow_symlinks=follow_symlinks, skip_dirs=skip_dirs, counters=counters, errors=errors
+    ):
+        yield from batch
+
+
+def iter_batches(
+    roots: Iterable[str],
+    *,
+    follow_symlinks: bool = False,
+    skip_dirs: frozenset[str] = frozenset(),
+    counters: WalkCounters | None = None,
+    errors: list[tuple[str, str]] | None = None,
+    batch_size: int = BATCH_FILES,
+) -> Iterator[list[WalkItem]]:
+    """``iter_files`` in batches: the items of one directory (at most ``batch_size`` at a time),
+    in the same order. Their ``dir_fd`` stays valid until the next batch is drawn, so a
+    consumer can look a whole batch up (the file cache) or read it ahead before examining it."""
     counters = counters if counters is not None else WalkCounters()
     errors = errors if errors is not None else []
     visited: set[tuple[int, int]] = set()
@@ -167,11 +186,18 @@ def iter_files(
                 errors.append((root, f"{status}: {detail}"))
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                yield _item_from_stat(os.path.abspath(root), st, follow=True)
+                yield [_item_from_stat(os.path.abspath(root), st, follow=True)]
                 continue
             path = os.path.abspath(root)
             yield from _walk_tree(
-                _Dir(None, path, path, True), open_dirs, visited, follow_symlinks, skip_dirs, counters, errors
+                _Dir(None, path, path, True),
+                open_dirs,
+                visited,
+                follow_symlinks,
+                skip_dirs,
+                counters,
+                errors,
+                max(1, batch_size),
             )
     finally:
         open_dirs.close()
@@ -185,7 +211,8 @@ def _walk_tree(
     skip_dirs: frozenset[str],
     counters: WalkCounters,
     errors: list[tuple[str, str]],
-) -> Iterator[WalkItem]:
+    batch_size: int,
+) -> Iterator[list[WalkItem]]:
     stack = [root]
     while stack:
         node = stack.pop()
@@ -217,7 +244,11 @@ def _walk_tree(
             errors.append((directory, f"{status}: {detail}"))
             continue
         subdirs: list[tuple[str, str, bool]] = []
+        batch: list[WalkItem] = []
         for entry in entries:
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
             name = entry.name
             path = os.path.join(directory, name)
             try:
@@ -234,7 +265,7 @@ def _walk_tree(
                             continue
                         subdirs.append((name, path, True))
                         continue
-                    yield _item_from_stat(path, est, fd, name, follow=True)
+                    batch.append(_item_from_stat(path, est, fd, name, follow=True))
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append((name, path, False))
@@ -244,9 +275,11 @@ def _walk_tree(
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR) and entry.is_symlink():
                     exc = FileNotFoundError(errno.ENOENT, DANGLING_SYMLINK)
                 status, detail = status_of(exc)
-                yield WalkItem(path, status=status, detail=detail)
+                batch.append(WalkItem(path, status=status, detail=detail))
                 continue
-            yield _item_from_stat(path, est, fd, name)
+            batch.append(_item_from_stat(path, est, fd, name))
+        if batch:
+            yield batch
         for name, path, follow in sorted(subdirs, reverse=True):
             if path in skip_dirs:
                 counters.mounts_skipped += 1
