@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import filecache
 from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
 from agent.extract.sniff import HEADER_BYTES, classify
 from agent.platform import SpecialFile, open_regular
@@ -30,7 +31,6 @@ from agent.rows import Device, ProcessContext, build_rows
 from agent.rules.index import RuleIndex
 from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
-from agent import filecache
 from agent.sources.walk import WalkCounters, WalkItem, iter_batches, status_of
 from agent.store import CacheEntry, Store, facts_from_json, facts_to_json
 from agent.textenc import encodable, escape_path
