@@ -79,3 +79,37 @@ def test_scan_looks_the_cache_up_per_batch_and_keeps_its_correctness(tmp_path, m
         assert {p for p, _s, _w in fourth.gone} == {str(tree / "a" / "tool.exe")}
         assert fourth.parsed == 0
     assert loads == []  # the whole cache was never loaded
+
+
+def _results(tmp_path, tree, threads: int, state: str):
+    """(statuses, per-path outcome list) of one scan with that many prefetch threads."""
+    with Store(tmp_path / state) as store:
+        scanner = Scanner(
+            store,
+            Device("a" * 40, "host"),
+            Matcher([]),
+            None,
+            max_file_size=1 << 26,
+            file_time_budget=30,
+            reobserve_interval=86400,
+            prefetch_threads=threads,
+        )
+        seen: list[str] = []
+        stats = scanner.scan([str(tree)], progress=lambda _s, path: seen.append(path))
+        rows = [(r["FolderPath"], r["Signer"]) for r in store.iter_rows()]
+    return dict(stats.statuses), stats.errors, seen, rows
+
+
+def test_prefetch_pool_keeps_order_and_every_status(tmp_path):
+    from tests.hostile_tree import make_hostile_tree
+
+    tree = tmp_path / "tree"
+    _tree(tree, files_in_big_dir=300)
+    make_hostile_tree(tree)
+    os.mkfifo(tree / "big" / "a.fifo")  # never opened, by the scanner or the pool
+    (tree / "big" / "locked.txt").write_text("x")
+    os.chmod(tree / "big" / "locked.txt", 0)
+    serial = _results(tmp_path, tree, 0, "serial.sqlite3")
+    pooled = _results(tmp_path, tree, 8, "pooled.sqlite3")
+    assert pooled == serial
+    assert serial[0]["OK"] >= 3 and serial[0]["NOT_PE"] > 300

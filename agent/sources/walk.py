@@ -14,13 +14,14 @@ name holds is kept exactly.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from agent.platform import DANGLING_SYMLINK, RELATIVE_OPEN, open_directory, special_kind
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_OPEN_DIRS = 32  # directory descriptors held open at once, whatever the depth
 BATCH_FILES = 256  # items per batch of iter_batches (one directory's files, at most this many)
+StatMany = Callable[[Callable[[str], os.stat_result], list[str]], list[Any]]
 
 
 class WalkItem(NamedTuple):  # a tuple: one per walked file, so cheap to build
@@ -169,10 +171,14 @@ def iter_batches(
     counters: WalkCounters | None = None,
     errors: list[tuple[str, str]] | None = None,
     batch_size: int = BATCH_FILES,
+    stat_many: StatMany | None = None,
 ) -> Iterator[list[WalkItem]]:
     """``iter_files`` in batches: the items of one directory (at most ``batch_size`` at a time),
     in the same order. Their ``dir_fd`` stays valid until the next batch is drawn, so a
-    consumer can look a whole batch up (the file cache) or read it ahead before examining it."""
+    consumer can look a whole batch up (the file cache) or read it ahead before examining it.
+
+    ``stat_many(fn, entries)`` (``Prefetcher.map_ordered``) runs a directory's per-file stats in
+    a thread pool, results in order; the items are the same as without it."""
     counters = counters if counters is not None else WalkCounters()
     errors = errors if errors is not None else []
     visited: set[tuple[int, int]] = set()
@@ -198,6 +204,7 @@ def iter_batches(
                 counters,
                 errors,
                 max(1, batch_size),
+                stat_many,
             )
     finally:
         open_dirs.close()
@@ -212,6 +219,7 @@ def _walk_tree(
     counters: WalkCounters,
     errors: list[tuple[str, str]],
     batch_size: int,
+    stat_many: StatMany | None = None,
 ) -> Iterator[list[WalkItem]]:
     stack = [root]
     while stack:
@@ -245,7 +253,14 @@ def _walk_tree(
             continue
         subdirs: list[tuple[str, str, bool]] = []
         batch: list[WalkItem] = []
-        for entry in entries:
+        stats_ahead: dict[int, Any] = {}
+        if stat_many is not None and fd >= 0:  # a cold cache: the pool stats plain files ahead, in order
+            plain = [i for i, e in enumerate(entries) if _plain(e)]
+            results = stat_many(
+                functools.partial(os.stat, dir_fd=fd, follow_symlinks=False), [entries[i].name for i in plain]
+            )
+            stats_ahead = dict(zip(plain, results, strict=True))
+        for index, entry in enumerate(entries):
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
@@ -270,7 +285,10 @@ def _walk_tree(
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append((name, path, False))
                     continue
-                est = _stat(entry, fd, follow=False)
+                ahead = stats_ahead.pop(index, None)
+                if isinstance(ahead, OSError):
+                    raise ahead
+                est = ahead if isinstance(ahead, os.stat_result) else _stat(entry, fd, follow=False)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR) and entry.is_symlink():
                     exc = FileNotFoundError(errno.ENOENT, DANGLING_SYMLINK)
@@ -293,6 +311,14 @@ def _walk_tree(
                     continue
                 visited.add((sst.st_dev, sst.st_ino))
             stack.append(_Dir(node, name, path, follow))
+
+
+def _plain(entry: os.DirEntry[str]) -> bool:
+    """A non-symlink, non-directory entry by its d_type (no system call unless unknown)."""
+    try:
+        return not entry.is_symlink() and not entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _stat(entry: os.DirEntry[str], dir_fd: int, *, follow: bool) -> os.stat_result:
