@@ -448,9 +448,12 @@ class Scanner:
             ):
                 # perf: the pool warms the batch's files while this thread works through them;
                 # one cache SELECT and one clock read per batch (one directory's files)
-                warming = pool.warm_batch(batch) if pool is not None else []
+                cached = self._lookup([item.path for item in batch if not item.status])
+                warming = []
+                if pool is not None:  # only files that will be opened: not the unchanged ones
+                    warming = pool.warm_batch([item for item in batch if not _unchanged(cached.get(item.path), item)])
                 try:
-                    self._scan_batch(batch, stats, n, progress)
+                    self._scan_batch(batch, cached, stats, n, progress)
                 finally:
                     prefetch.Prefetcher.wait(warming)  # done before the walk moves on (dir_fd)
                 n += len(batch)
@@ -471,9 +474,13 @@ class Scanner:
         return stats
 
     def _scan_batch(
-        self, batch: list[WalkItem], stats: ScanStats, n: int, progress: Callable[[ScanStats, str], None] | None
+        self,
+        batch: list[WalkItem],
+        cached: dict[str, CacheEntry],
+        stats: ScanStats,
+        n: int,
+        progress: Callable[[ScanStats, str], None] | None,
     ) -> None:
-        cached = self._lookup([item.path for item in batch if not item.status])
         now = self.clock()
         for item in batch:
             n += 1
@@ -529,6 +536,10 @@ class Scanner:
             self._pending_cache = []
         self._pending_by_path = {}
         self.store.commit()
+
+
+def _unchanged(cached: CacheEntry | None, item: WalkItem) -> bool:
+    return cached is not None and cached.same_file(item.st_dev, item.st_ino, item.size, item.mtime_ns)
 
 
 def _still_exists(path: str) -> bool:

@@ -100,8 +100,14 @@ def _results(tmp_path, tree, threads: int, state: str):
     return dict(stats.statuses), stats.errors, seen, rows
 
 
-def test_prefetch_pool_keeps_order_and_every_status(tmp_path):
+def test_prefetch_pool_keeps_order_and_every_status(tmp_path, monkeypatch):
+    from agent.sources import prefetch
     from tests.hostile_tree import make_hostile_tree
+
+    monkeypatch.setattr(prefetch, "COLD_SECONDS", -1.0)  # every stat counts as cold: the pool always works
+    warmed = []
+    real_warm = prefetch.warm
+    monkeypatch.setattr(prefetch, "warm", lambda item: warmed.append(item.path) or real_warm(item))
 
     tree = tmp_path / "tree"
     _tree(tree, files_in_big_dir=300)
@@ -112,4 +118,5 @@ def test_prefetch_pool_keeps_order_and_every_status(tmp_path):
     serial = _results(tmp_path, tree, 0, "serial.sqlite3")
     pooled = _results(tmp_path, tree, 8, "pooled.sqlite3")
     assert pooled == serial
+    assert len(warmed) > 300  # the pool did the reading ahead
     assert serial[0]["OK"] >= 3 and serial[0]["NOT_PE"] > 300

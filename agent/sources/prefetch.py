@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -27,6 +28,8 @@ R = TypeVar("R")
 
 DEFAULT_THREADS = 8
 MIN_PARALLEL = 16  # fewer items than this: not worth a hand-off
+PROBE = 4  # stats timed in the calling thread per directory
+COLD_SECONDS = 30e-6  # a stat slower than this came from the disk, not the cache
 HEADER_BYTES = 64
 _FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -82,18 +85,27 @@ class Prefetcher:
     def __init__(self, threads: int = DEFAULT_THREADS) -> None:
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rmmhunt-prefetch")
+        self.cold = True  # until a directory's stats say otherwise
 
     def map_ordered(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | BaseException]:
-        """fn over items in the pool; results (or the exception raised) in the items' order."""
-        if len(items) < MIN_PARALLEL:
-            return _each(fn, items)
-        futures = [self.pool.submit(_each, fn, chunk) for chunk in _chunks(items, self.threads)]
-        return [r for f in futures for r in f.result()]
+        """fn over items, in the pool when the cache is cold; results (or the exception raised)
+        in the items' order. The first few run here, timed, to tell a cold cache from a warm one:
+        on a warm one the hand-off to threads (and their fight for the GIL) costs more than it saves."""
+        start = time.perf_counter()
+        head = _each(fn, items[:PROBE])
+        if head:
+            self.cold = (time.perf_counter() - start) / len(head) > COLD_SECONDS
+        rest = items[PROBE:]
+        if not self.cold or len(rest) < MIN_PARALLEL:
+            return head + _each(fn, rest)
+        futures = [self.pool.submit(_each, fn, chunk) for chunk in _chunks(rest, self.threads)]
+        return head + [r for f in futures for r in f.result()]
 
     def warm_batch(self, batch: Sequence[WalkItem]) -> list[Future[Any]]:
-        """Start warming a batch; ``wait`` on the result before the walk moves on."""
+        """Start warming a batch's files when the cache is cold; ``wait`` on the result before
+        the walk moves on."""
         todo = [item for item in batch if not item.status]
-        if len(todo) < 2:
+        if not self.cold or len(todo) < 2:
             return []
         return [self.pool.submit(_warm_all, chunk) for chunk in _chunks(todo[1:], self.threads)]
 
