@@ -445,6 +445,7 @@ class Scanner:
                 counters=stats.walk,
                 errors=dir_errors,
                 stat_many=pool.map_ordered if pool is not None else None,
+                warm_dirs=pool.warm_dirs if pool is not None else None,
             ):
                 # perf: the pool warms the batch's files while this thread works through them;
                 # one cache SELECT and one clock read per batch (one directory's files)

@@ -29,6 +29,7 @@ R = TypeVar("R")
 DEFAULT_THREADS = 8
 MIN_PARALLEL = 16  # fewer items than this: not worth a hand-off
 PROBE = 4  # stats timed in the calling thread per directory
+MAX_DIRS_AHEAD = 64  # directories being read ahead at once
 COLD_SECONDS = 30e-6  # a stat slower than this came from the disk, not the cache
 HEADER_BYTES = 64
 _FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0)
@@ -64,6 +65,20 @@ def warm(item: WalkItem) -> None:
         os.close(fd)
 
 
+def warm_directory(path: str) -> None:
+    """List a directory and lstat its entries: their dentries and inodes come into the cache
+    before the walk reaches it. Never follows a symlink, never opens a file; ignores errors."""
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    entry.stat(follow_symlinks=False)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+
+
 def _warm_all(items: Sequence[WalkItem]) -> None:
     for item in items:
         warm(item)
@@ -86,6 +101,7 @@ class Prefetcher:
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rmmhunt-prefetch")
         self.cold = True  # until a directory's stats say otherwise
+        self._dirs_pending: list[Future[Any]] = []
 
     def map_ordered(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | BaseException]:
         """fn over items, in the pool when the cache is cold; results (or the exception raised)
@@ -108,6 +124,16 @@ class Prefetcher:
         if not self.cold or len(todo) < 2:
             return []
         return [self.pool.submit(_warm_all, chunk) for chunk in _chunks(todo[1:], self.threads)]
+
+    def warm_dirs(self, paths: Sequence[str]) -> None:
+        """Read directories the walk will list later, when the cache is cold; a bounded number at
+        a time (the walk's own order and results do not depend on it)."""
+        if not self.cold:
+            return
+        self._dirs_pending = [f for f in self._dirs_pending if not f.done()]
+        room = MAX_DIRS_AHEAD - len(self._dirs_pending)
+        for path in paths[:room]:
+            self._dirs_pending.append(self.pool.submit(warm_directory, path))
 
     @staticmethod
     def wait(futures: list[Future[Any]]) -> None:

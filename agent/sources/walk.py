@@ -172,13 +172,15 @@ def iter_batches(
     errors: list[tuple[str, str]] | None = None,
     batch_size: int = BATCH_FILES,
     stat_many: StatMany | None = None,
+    warm_dirs: Callable[[list[str]], None] | None = None,
 ) -> Iterator[list[WalkItem]]:
     """``iter_files`` in batches: the items of one directory (at most ``batch_size`` at a time),
     in the same order. Their ``dir_fd`` stays valid until the next batch is drawn, so a
     consumer can look a whole batch up (the file cache) or read it ahead before examining it.
 
     ``stat_many(fn, entries)`` (``Prefetcher.map_ordered``) runs a directory's per-file stats in
-    a thread pool, results in order; the items are the same as without it."""
+    a thread pool, results in order, and ``warm_dirs(paths)`` (``Prefetcher.warm_dirs``) is told
+    the subdirectories about to be walked, next first; the items are the same as without them."""
     counters = counters if counters is not None else WalkCounters()
     errors = errors if errors is not None else []
     visited: set[tuple[int, int]] = set()
@@ -205,6 +207,7 @@ def iter_batches(
                 errors,
                 max(1, batch_size),
                 stat_many,
+                warm_dirs,
             )
     finally:
         open_dirs.close()
@@ -220,6 +223,7 @@ def _walk_tree(
     errors: list[tuple[str, str]],
     batch_size: int,
     stat_many: StatMany | None = None,
+    warm_dirs: Callable[[list[str]], None] | None = None,
 ) -> Iterator[list[WalkItem]]:
     stack = [root]
     while stack:
@@ -311,6 +315,8 @@ def _walk_tree(
                     continue
                 visited.add((sst.st_dev, sst.st_ino))
             stack.append(_Dir(node, name, path, follow))
+        if warm_dirs is not None and subdirs:
+            warm_dirs([path for _name, path, follow in sorted(subdirs) if not follow and path not in skip_dirs])
 
 
 def _plain(entry: os.DirEntry[str]) -> bool:
