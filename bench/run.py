@@ -443,10 +443,11 @@ def bench_ingest_and_hunt(rows_wanted: int, work: Path, matcher: Matcher) -> Non
 
 # --- 8: peak RSS
 _RSS = """
-import resource, sys
+import sys
 from agent.cli import main
 rc = main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this program's own peak (ru_maxrss would include the forking parent's size, kept across exec)
+print(rc, next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
@@ -481,7 +482,10 @@ def _peak_rss_mb(tree: Path, state: Path) -> float:
             text=True,
             cwd=ROOT,
         )
-        peaks.append(int(out.stdout.split()[-1]) / 1024)
+        rc, kb = out.stdout.split()[-2:]
+        if rc not in ("0", "1"):
+            raise RuntimeError(f"scan failed ({rc}): {out.stderr.strip()[-300:]}")
+        peaks.append(int(kb) / 1024)
     return max(peaks)
 
 
