@@ -264,12 +264,13 @@ def _walk_tree(
                 functools.partial(os.stat, dir_fd=fd, follow_symlinks=False), [entries[i].name for i in plain]
             )
             stats_ahead = dict(zip(plain, results, strict=True))
+        prefix = directory if directory.endswith(os.sep) else directory + os.sep  # os.path.join, once per directory
         for index, entry in enumerate(entries):
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
             name = entry.name
-            path = os.path.join(directory, name)
+            path = prefix + name
             try:
                 # d_type answers symlink/directory/regular without a stat; the stat that gives
                 # size and mtime for the cache is relative to the open directory.
