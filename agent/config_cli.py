@@ -166,7 +166,7 @@ def check_config_file(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return problems  # already reported by validate_config_file
     from agent.exclusions import parse_exclusions
 

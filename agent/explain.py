@@ -1,18 +1,46 @@
-"""`rmmhunt explain FILE`: every fact about one file and, per rule, why it fires or not.
-Never raises for a bad file: the facts carry the status."""
+"""`rmmhunt explain FILE`: every fact about one file on one screen.
+
+The file's facts and hashes; each signature with its chain (subject, issuer, validity, root)
+and the verification result in words; the rules that fire with their evidence as text; a
+one-line count of the rules that do not (``--all`` lists them). Never raises for a bad file:
+the facts carry the status.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.extract.authenticode import FileFacts, TrustVerifier, load_roots
+from agent.extract.authenticode import FileFacts, SignatureFacts, TrustVerifier, load_roots
 from agent.rows import Device, build_rows
 from agent.scanner import evidence_dict, examine_path
 from agent.settings import Settings
+from agent.textenc import display, escape_path
+from agent.views.records import BROKEN, NOT_VERIFIED, TRUSTED, UNTRUSTED, row_record, trust_verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    subject: str  # simple display name
+    issuer: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    sha1: str
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The certificate path of one signature, leaf first, and what its root is."""
+
+    links: tuple[ChainLink, ...]
+    root: str  # words: "trusted root X", "X (self-signed, not a trusted root)", "issuer X not found"
+    validated: bool  # the path was validated by signify against the trusted roots
 
 
 @dataclass
@@ -27,12 +55,43 @@ class RuleVerdict:
     excluded_by: str | None = None
 
 
+def evidence_text(evidence: dict[str, Any]) -> str:
+    """One piece of evidence as text: ``Signer has "MMSoft Design" (value "MMSoft Design Ltd.")``."""
+    pattern, value = _value_text(evidence["pattern"]), _value_text(evidence["value"])
+    return f"{evidence['column']} {evidence['operator']} {pattern} (value {value})"
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2 and all(isinstance(v, dt.datetime) for v in value):
+            return f"{_value_text(value[0])} .. {_value_text(value[1])}"
+        return "(" + ", ".join(_value_text(v) for v in value) + ")"
+    if isinstance(value, str):
+        return '"' + display(value) + '"'
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+VERDICT_WORDS = {
+    TRUSTED: "trusted: the file digest matches and the chain reaches a trusted root",
+    BROKEN: "signature broken: the file was changed after it was signed (digest mismatch)",
+    UNTRUSTED: "untrusted chain: the digest matches but the chain does not reach a trusted root",
+    NOT_VERIFIED: "not verified (verification switched off)",
+}
+
+
 @dataclass
 class Explanation:
     path: str
     facts: FileFacts
     rows: list[dict[str, Any]]
     verdicts: list[RuleVerdict]
+    chains: dict[int, Chain] = field(default_factory=dict)
 
     @property
     def fires(self) -> bool:
@@ -41,7 +100,7 @@ class Explanation:
     def as_dict(self) -> dict[str, Any]:
         f = self.facts
         return {
-            "path": self.path,
+            "path": escape_path(self.path),
             "status": f.status,
             "kind": f.kind,
             "size": f.size,
@@ -49,64 +108,175 @@ class Explanation:
             "warnings": list(f.warnings),
             "sha1": f.sha1,
             "sha256": f.sha256,
-            "rows": self.rows,
+            "signatures": [
+                {
+                    "index": row["SignatureIndex"],
+                    "signer": row["Signer"],
+                    "trust": trust_verdict(row),
+                    "verification_status": row["VerificationStatus"],
+                    "verification_error": next(
+                        (s.verification_error for s in f.signatures if s.index == row["SignatureIndex"]), ""
+                    ),
+                    "chain": [link.__dict__ for link in self.chains[row["SignatureIndex"]].links]
+                    if row["SignatureIndex"] in self.chains
+                    else [],
+                    "root": self.chains[row["SignatureIndex"]].root if row["SignatureIndex"] in self.chains else "",
+                }
+                for row in self.rows
+            ],
+            "rows": [row_record(r) for r in self.rows],
             "rules": [v.__dict__ for v in self.verdicts],
         }
 
-    def text(self) -> str:
+    def text(self, *, all_rules: bool = False) -> str:
         f = self.facts
-        out = [f"file      {self.path}", f"status    {f.status}" + (f" ({f.detail})" if f.detail else "")]
-        out += [f"kind      {f.kind or '-'}", f"size      {f.size}"]
+        out = [f"file     {escape_path(self.path)}"]
+        status = f"{f.status}" + (f" ({display(f.detail)})" if f.detail else "")
+        out.append(f"status   {status}; {f.kind or 'not PE/MSI'}, {f.size} bytes")
         if f.sha256:
-            out += [f"sha1      {f.sha1}", f"sha256    {f.sha256}"]
+            out += [f"sha256   {f.sha256}", f"sha1     {f.sha1}"]
         for w in f.warnings:
-            out.append(f"warning   {w}")
-        for sig in f.signatures:
-            c = sig.signer
-            out += [
-                "",
-                f"signature #{sig.index} ({sig.signature_type}, {sig.digest_algorithm})",
-                f"  Signer            {c.display_name}",
-                f"  SignerSubject     {c.subject}",
-                f"  SignerHash        {c.sha1}",
-                f"  Issuer            {c.issuer_display_name}",
-                f"  IssuerSubject     {c.issuer}",
-                f"  IssuerHash        {sig.issuer_hash or '-'}",
-                f"  Serial            {c.serial_number}",
-                f"  Valid             {c.not_before.isoformat()} .. {c.not_after.isoformat()}",
-                f"  CRL               {', '.join(c.crl_urls) or '-'}",
-                f"  ProgramName       {sig.program_name or '-'}",
-                f"  Countersignature  {sig.countersignature_time.isoformat() if sig.countersignature_time else '-'}",
-                f"  DigestValid       {sig.digest_valid}",
-                f"  Verification      {sig.verification_status}"
-                + (f": {sig.verification_error}" if sig.verification_error else ""),
-                f"  IsTrusted         {sig.is_trusted}",
-                f"  RootIsMicrosoft   {sig.is_root_microsoft}",
-            ]
+            out.append(f"warning  {display(w)}")
+        sigs = {s.index: s for s in f.signatures}
+        for row in self.rows:
+            out += self._signature_lines(row, sigs.get(row["SignatureIndex"]))
         firing = [v for v in self.verdicts if v.fires]
-        out += ["", f"rules: {len(firing)} fire, {len(self.verdicts) - len(firing)} do not"]
-        for v in firing:
-            ev = "; ".join(f"{e['column']} {e['operator']} {e['pattern']!r} (value {e['value']!r})" for e in v.evidence)
-            state = f"EXCLUDED by {v.excluded_by}" if v.excluded_by else "FIRES"
-            out.append(f"  {state}  {v.rule_name} [{v.rule_id}] sig #{v.signature_index}: {ev}")
         quiet = [v for v in self.verdicts if not v.fires]
-        if quiet and f.signatures:
-            out.append("  not firing:")
+        out.append("")
+        if not f.signatures:
+            out.append(f"rules: none can fire: the file has no signer rows ({f.status})")
+            return "\n".join(out) + "\n"
+        rule_count = len({v.rule_id for v in self.verdicts})
+        fired_ids = {v.rule_id for v in firing}
+        out.append(
+            f"rules: {len(fired_ids)} of {rule_count} fire"
+            + ("" if all_rules else f"; {rule_count - len(fired_ids)} do not (--all lists them)")
+        )
+        for v in firing:
+            state = f"EXCLUDED by {v.excluded_by}" if v.excluded_by else "FIRES"
+            out.append(
+                f"  {state}  {display(v.tool)}: {display(v.rule_name)} [{v.rule_id}] (signature {v.signature_index})"
+            )
+            for e in v.evidence:
+                out.append(f"      {evidence_text(e)}")
+        if all_rules:
             for v in quiet:
-                out.append(f"    {v.tool}: {v.why}")
-        elif not f.signatures:
-            out.append(f"  no rule can fire: the file has no signer rows ({f.status})")
+                out.append(
+                    f"  no     {display(v.tool)} [{v.rule_id}] (signature {v.signature_index}): {display(v.why)}"
+                )
         return "\n".join(out) + "\n"
+
+    def _signature_lines(self, row: dict[str, Any], sig: SignatureFacts | None) -> list[str]:
+        verdict = trust_verdict(row)
+        signed = row.get("CertificateCountersignatureTime")
+        out = [
+            "",
+            f"signature {row['SignatureIndex']}  {row['SignatureType']}"
+            + (f", {sig.digest_algorithm}" if sig else "")
+            + (f", signed {_value_text(signed)} (countersignature)" if signed else ", no countersignature time"),
+            f"  Signer    {display(row['Signer'])}   (SignerHash {row['SignerHash']})",
+            f"  Subject   {display(row['SignerSubject'])}",
+            f"  Program   {display(row['ProgramName']) or '-'}",
+            f"  Trust     {VERDICT_WORDS[verdict]}",
+        ]
+        if sig is not None and sig.verification_status not in ("OK", "NOT_VERIFIED"):
+            error = f": {_clip(display(sig.verification_error), 240)}" if sig.verification_error else ""
+            out.append(f"            signify: {sig.verification_status}{error}")
+        if verdict != TRUSTED:
+            out.append(
+                f'  WARNING   not a trusted signature: the signer name "{display(row["Signer"])}" cannot be taken at '
+                "face value (anyone can issue a certificate with any name)"
+            )
+        chain = self.chains.get(row["SignatureIndex"])
+        if chain is not None:
+            out.append("  chain     (leaf first)" + ("" if chain.validated else ", as carried in the signature"))
+            for link in chain.links:
+                out.append(
+                    f"    {display(link.subject)}  <- {display(link.issuer)}  "
+                    f"{link.not_before:%Y-%m-%d} .. {link.not_after:%Y-%m-%d}"
+                )
+            out.append(f"    root: {display(chain.root)}")
+        return out
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _why_not(rule: Any, row: dict[str, Any]) -> str:
     patterns = getattr(rule.query, "string_patterns", ())
     if not patterns:
         return "row filter is false"
-    shown = ", ".join(f"{col} {op} {pat!r}" for col, op, pat in patterns[:6])
+    shown = ", ".join(f"{col} {op} {_value_text(pat)}" for col, op, pat in patterns[:6])
     values = {col for col, _op, _pat in patterns}
-    current = ", ".join(f"{col}={row.get(col)!r}" for col in sorted(values))
+    current = ", ".join(f"{col}={_value_text(row.get(col))}" for col in sorted(values))
     return f"{current} does not satisfy {shown}"
+
+
+def _link(cert: Any) -> ChainLink:
+    from agent.extract.certinfo import parse_certificate
+
+    ident = parse_certificate(cert.to_der)
+    return ChainLink(ident.display_name, ident.issuer_display_name, ident.not_before, ident.not_after, ident.sha1)
+
+
+def explain_chains(path: str, verifier: TrustVerifier | None) -> dict[int, Chain]:
+    """The certificate chain of each signature of one file, from signify: the path signify
+    validates to a trusted root when there is one, else the path the signature's own
+    certificates form. Never raises: an unreadable or unparsable file has no chains."""
+    try:
+        return _chains(path, verifier)
+    except Exception:  # explain_* returns what it can
+        log.debug("no chain for %s", path, exc_info=True)
+        return {}
+
+
+def _chains(path: str, verifier: TrustVerifier | None) -> dict[int, Chain]:
+    from signify.authenticode.signed_file.msi import SignedMsiFile
+    from signify.authenticode.signed_file.pe import SignedPEFile
+    from signify.x509 import VerificationContext
+
+    chains: dict[int, Chain] = {}
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        stream.seek(0)
+        signed: Any = SignedMsiFile(stream) if head.startswith(b"\xd0\xcf\x11\xe0") else SignedPEFile(stream)
+        for index, sig in enumerate(signed.iter_embedded_signatures(include_nested=True, ignore_parse_errors=True)):
+            si = sig.signer_info
+            leaf = sig.certificates.find_certificate(issuer=si.issuer, serial_number=si.serial_number)
+            validated: list[Any] = []
+            if verifier is not None:
+                ctx = VerificationContext(verifier.store, sig.certificates, extended_key_usages=["code_signing"])
+                try:
+                    validated = list(ctx.verify(leaf))  # root first
+                except Exception:
+                    validated = []
+            if validated:
+                links = tuple(_link(c) for c in reversed(validated))
+                chains[index] = Chain(links, f"trusted root {links[-1].subject}", True)
+                continue
+            carried = [leaf]
+            while len(carried) < 10:
+                top = carried[-1]
+                if top.subject == top.issuer:
+                    break
+                issuer = next(
+                    (c for c in sig.certificates if c.subject == top.issuer and c not in carried),
+                    None,
+                )
+                if issuer is None:
+                    break
+                carried.append(issuer)
+            links = tuple(_link(c) for c in carried)
+            top = carried[-1]
+            if top.subject == top.issuer:
+                root = f"{links[-1].subject} (self-signed, not a trusted root)"
+            else:
+                root = f"issuer {links[-1].issuer} not in the signature" + (
+                    "" if verifier is None else " nor among the trusted roots"
+                )
+            chains[index] = Chain(links, root, False)
+    return chains
 
 
 def explain_file(
@@ -119,6 +289,8 @@ def explain_file(
         verifier=verifier,
         max_file_size=settings.max_file_size,
         time_budget=settings.file_time_budget,
+        follow_symlinks=True,
+        caps=settings.extract_caps,
     )
     facts = examined if examined is not None else FileFacts(status, "", ident[2], detail=detail)
     now = dt.datetime.now(dt.UTC)
@@ -145,4 +317,5 @@ def explain_file(
                     excluded,
                 )
             )
-    return Explanation(os.path.abspath(path), facts, rows, verdicts)
+    chains = explain_chains(path, verifier) if facts.signatures else {}
+    return Explanation(os.path.abspath(path), facts, rows, verdicts, chains)

@@ -45,6 +45,7 @@ def build_rows(
     bytes exactly. IsTrusted and DigestValid are None ("not checked") when the signature was
     not verified (--no-verify), never False."""
     rows = []
+    version = facts.version_info
     for sig in facts.signatures:
         cert = sig.signer
         not_verified = sig.verification_status == NOT_VERIFIED
@@ -84,6 +85,12 @@ def build_rows(
             "ParentProcessName": process.parent_name if process else None,
             "Excluded": False,
             "ExclusionId": None,
+            "VersionInfoCompanyName": version.company_name,
+            "VersionInfoProductName": version.product_name,
+            "VersionInfoProductVersion": version.product_version,
+            "VersionInfoOriginalFileName": version.original_file_name,
+            "VersionInfoInternalFileName": version.internal_file_name,
+            "VersionInfoFileDescription": version.file_description,
         }
         rows.append(row)
     return rows

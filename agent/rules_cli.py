@@ -84,6 +84,14 @@ def _check_toml(path: Path, rule_ids: Collection[str] | None, report: CheckRepor
     report.warnings.extend(str(w) for w in warnings)
 
 
+def _attacker_controlled_warnings(rules: Sequence[Any]) -> list[str]:
+    """A rule that narrows a broad signer only by FileName or FolderPath is renamed away by an attacker:
+    a warning (SPEC section 2; agent.catalog.lint holds the check)."""
+    from agent.catalog.lint import attacker_controlled_rules
+
+    return [f"{rule.path}:1:1: warning: rule {rule.id}: {reason}" for rule, reason in attacker_controlled_rules(rules)]
+
+
 def check_paths(paths: Sequence[str], settings: Settings) -> CheckReport:
     """Every error and warning in the given rule files/dirs and .toml configs (default: those in use).
 
@@ -105,6 +113,7 @@ def check_paths(paths: Sequence[str], settings: Settings) -> CheckReport:
             ruleset = load_rules([target])
             report.errors.extend(str(p) for p in ruleset.problems)
             rule_ids.update(rule.id for rule in ruleset.rules)
+            report.warnings.extend(_attacker_controlled_warnings(ruleset.rules))
             tomls.extend(sorted(p for p in target.iterdir() if p.suffix == ".toml"))
         elif not target.exists():
             report.errors.append(f"{target}:0:0: no such file or directory")

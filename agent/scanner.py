@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
 from agent.sources import prefetch
 from agent.sources.walk import WalkCounters, WalkItem, iter_batches, status_of
-from agent.store import CacheEntry, Store, facts_from_json, facts_to_json
+from agent.store import CacheEntry, Store, StoreError, facts_from_json, facts_to_json
 from agent.textenc import encodable, escape_path
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def examine_path(
     dir_fd: int | None = None,
     name: str | None = None,
     follow_symlinks: bool = False,
+    caps: Mapping[str, int] | None = None,
 ) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
     """(status, facts or None, detail, (st_dev, st_ino, size, mtime_ns)) for one path.
 
@@ -176,7 +177,7 @@ def examine_path(
         os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
             fd = -1
-            facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=time_budget)
+            facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=time_budget, **(caps or {}))
         return facts.status, facts, facts.detail, ident
     except FileNotFoundError as exc:
         return "VANISHED", None, str(exc), ident
@@ -206,6 +207,10 @@ def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep) for root in roots)
 
 
+# sweep seam: (item, *, verifier, max_file_size, time_budget) -> the examine_path result
+Examine = Callable[..., tuple[str, FileFacts | None, str, tuple[int, int, int, int]]]
+
+
 class Scanner:
     def __init__(
         self,
@@ -219,8 +224,11 @@ class Scanner:
         reobserve_interval: float,
         source: str = "scan",
         clock: Clock = utc_now,
+        caps: Mapping[str, int] | None = None,
+        examine: Examine | None = None,
         prefetch_threads: int = prefetch.DEFAULT_THREADS,
     ) -> None:
+        self.caps = dict(caps or {})  # certificate-table caps for extract_stream (Settings.extract_caps)
         self.store = store
         self.device = device
         self.matcher = matcher
@@ -230,6 +238,8 @@ class Scanner:
         self.reobserve = dt.timedelta(seconds=reobserve_interval)
         self.source = source
         self.clock = clock
+        # sweep seam: a source that is not a host path (a disk image) reads its own items
+        self.examine_hook = examine
         self.prefetch_threads = prefetch_threads  # perf: parallel I/O ahead of the scan (0: none)
         self._cache: dict[str, CacheEntry] | None = None
         self._pending_cache: list[tuple[str, CacheEntry]] = []
@@ -262,6 +272,14 @@ class Scanner:
 
     # --- one file
     def _examine(self, item: WalkItem) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
+        if self.examine_hook is not None:  # sweep seam
+            return self.examine_hook(
+                item,
+                verifier=self.verifier,
+                max_file_size=self.max_file_size,
+                time_budget=self.file_time_budget,
+                caps=self.caps,
+            )
         return examine_path(
             item.path,
             (item.st_dev, item.st_ino, item.size, item.mtime_ns),
@@ -271,6 +289,7 @@ class Scanner:
             dir_fd=item.dir_fd if item.dir_fd >= 0 else None,
             name=item.name or None,
             follow_symlinks=item.follow,
+            caps=self.caps,
         )
 
     def observe(
@@ -406,6 +425,7 @@ class Scanner:
                 else:
                     stats.excluded_hits += 1
         self.store.insert_hits(records)
+        self.store.queue_outbox(rows, {(r[0], r[1]) for r in records if r[5] is None})  # fleet: same transaction
         stats.rows += len(rows)
 
     # --- a whole walk
@@ -488,6 +508,8 @@ class Scanner:
             self._missing.discard(item.path)
             try:
                 self._observe(item, stats, cached.get(item.path), now)
+            except StoreError:
+                raise  # the store itself failed (disk full, damaged, read-only): stop, committed work is kept
             except Exception as exc:  # a bug must not end the scan: the file gets a status
                 log.exception("internal error on %s", escape_path(item.path))
                 stats.statuses["PARSE_ERROR"] += 1

@@ -49,6 +49,14 @@ EXTENSION_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ParentProcessName", "string"),
     ("Excluded", "bool"),
     ("ExclusionId", "string"),
+    # The file's signed VS_VERSIONINFO (MSI: summary information / Property table), named after
+    # Defender's ProcessVersionInfo* columns; inside the Authenticode digest, so rename-proof.
+    ("VersionInfoCompanyName", "string"),
+    ("VersionInfoProductName", "string"),
+    ("VersionInfoProductVersion", "string"),
+    ("VersionInfoOriginalFileName", "string"),
+    ("VersionInfoInternalFileName", "string"),
+    ("VersionInfoFileDescription", "string"),
 )
 
 COLUMNS: tuple[tuple[str, str], ...] = DEFENDER_COLUMNS + EXTENSION_COLUMNS

@@ -256,10 +256,17 @@ class Settings:
     log_backups: int = _opt(5, "rotated log files kept", minimum=0, maximum=1000)
     # --- the store
     lock_timeout: float = _opt(
-        30.0,
+        60.0,
         "a second writer on the same state directory waits this long for the lock, then gives up; 0: refuse at once",
         minimum=0,
         maximum=DAY,
+        unit="seconds",
+    )
+    commit_interval: float = _opt(
+        0.5,
+        "a writing command commits at least this often, so a kill or a fault loses at most this much work",
+        minimum=0.01,
+        maximum=60,
         unit="seconds",
     )
     # --- forwarding to a collector ([collector] table)
@@ -308,6 +315,15 @@ class Settings:
     @property
     def database(self) -> Path:
         return self.state_dir / "rmmhunt.sqlite3"
+
+    @property
+    def extract_caps(self) -> dict[str, int]:
+        """The certificate-table caps, as keyword arguments of ``extract_stream``."""
+        return {
+            "max_cert_table_size": self.max_cert_table_size,
+            "max_certificates": self.max_certificates,
+            "max_signatures": self.max_signatures,
+        }
 
     @property
     def rule_dirs_effective(self) -> tuple[Path, ...]:
@@ -612,6 +628,9 @@ def _read_config(path: Path, text: str) -> _Layer:
         at = f"{path}:{pos.group(1)}" if pos else f"{path}:1"
         column = f" (column {pos.group(2)})" if pos else ""
         layer.problems.append(f"{at}: invalid TOML: {_TOML_POSITION.sub('', message)}{column}")
+        return layer
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        layer.problems.append(f"{path}:1: invalid TOML: arrays or tables nested too deeply")
         return layer
     lines = parse_key_lines(text)
 

@@ -296,7 +296,7 @@ def test_fields_are_reported_canonically() -> None:
 
 
 def test_valid_fields_read_real_columns() -> None:
-    assert len(VALID_FIELDS) == len(set(VALID_FIELDS)) == 22
+    assert len(VALID_FIELDS) == len(set(VALID_FIELDS)) == 22  # 18 + the four version-info fields (11.1)
     for name in ("FileName", "FolderPath", "FileSize", "SHA1", "SHA256", "Signer", "Issuer", "SignerHash"):
         assert name in COLUMN_NAMES
     for name in ("IsTrusted", "ProcessName", "ProcessUser", "ProcessId", "ParentProcessName", "DeviceName"):

@@ -255,9 +255,12 @@ def test_a_deleted_rmm_binary_is_gone_and_no_longer_a_finding(tmp_path, rmm_tree
     os.unlink(deleted)
     out = rmmhunt("scan", str(rmm_tree), "--no-progress", "--format", "json", "--rows", state=state)
     assert out.returncode == 1, out.stderr
-    assert {r["FolderPath"] for r in json.loads(out.stdout)["rows"]} == {kept}
+    results = json.loads(out.stdout)["results"]
+    assert {unescape_path(r["FolderPath"]) for res in results for r in res["Rows"]} == {kept}
     hunt = rmmhunt("hunt", "--format", "json", "--rows", state=state)
-    assert {row["FolderPath"] for r in json.loads(hunt.stdout) for row in r["Rows"]} == {deleted, kept}
+    payload = json.loads(hunt.stdout)
+    assert {unescape_path(row["FolderPath"]) for r in payload["results"] for row in r["Rows"]} == {deleted, kept}
+    assert payload["summary"]["gone"] == 1  # hunt keeps the history and says which file disappeared
 
     os.unlink(kept)
     last = rmmhunt("scan", str(rmm_tree), "--no-progress", state=state)

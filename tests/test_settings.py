@@ -213,7 +213,7 @@ def test_new_settings_and_their_defaults():
     assert s.watch_roots == () and s.rescan_interval == 86400 and s.process_sweep_interval == 300
     assert s.settle_seconds == 1.0 and s.memory_limit_mb == 512 and s.log_file is None
     assert s.log_max_bytes > 0 and s.log_backups >= 1 and s.max_cpu_percent == 0
-    assert s.lock_timeout == 30
+    assert s.lock_timeout == 60
     assert (s.collector_url, s.collector_enroll_secret, s.collector_ca_file) == ("", "", None)
     assert (s.collector_forward, s.collector_max_outbox_bytes) == ("hits", 256 * MiB)
     assert OPTIONS_BY_NAME["collector_url"].dotted == "collector.url"
@@ -337,3 +337,14 @@ def test_key_lines_skip_multiline_strings_and_follow_tables():
     assert lines[("exclusions", 1)] == 9 and lines[("exclusions", 1, "id")] == 10
     assert lines[("collector",)] == 11 and lines[("collector", "url", "x")] == 12
     assert ("agent", "verify") in lines and 7 not in lines.values()
+
+
+def test_deeply_nested_toml_is_one_problem_not_a_recursion_error(tmp_path: Path):
+    from agent.config_cli import check_config_file
+
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    problems = check_config_file(deep)
+    assert problems == [f"{deep}:1: invalid TOML: arrays or tables nested too deeply"]
+    with pytest.raises(ConfigError):
+        load_settings(config_file=str(deep), default_config_file=None)

@@ -28,3 +28,11 @@ def install() -> bool:
     cached.__set_name__(SignedData, "signer_infos")
     SignedData.signer_infos = cached  # type: ignore[assignment,method-assign]
     return True
+
+
+def release(signed_data: SignedData) -> None:
+    """Drop one object's memoised list. Each SignerInfo refers back to its SignedData, so
+    the list makes a reference cycle that only the cyclic garbage collector would free;
+    releasing it when a file is done frees the file's objects at once, keeping memory
+    per file bounded (the memo lives exactly as long as the file is being examined)."""
+    signed_data.__dict__.pop("signer_infos", None)

@@ -140,10 +140,27 @@ def identity_of(cert: asn1_x509.Certificate) -> CertIdentity:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+# The identity memo is bounded by entries and, through the size limit on what it keeps, by
+# bytes: at most 1,024 x 16 KiB of keys. Real signer certificates are 1-2 KiB; a larger one
+# is parsed every time rather than held.
+MEMO_ENTRIES = 1024
+MEMO_MAX_DER = 16 * 1024
+
+
 def parse_certificate(der: bytes) -> CertIdentity:
     """Identity of a DER certificate (memoised: a fleet has few signer certificates).
     Raises ValueError on bytes that are not a certificate."""
+    if len(der) <= MEMO_MAX_DER:
+        return _parse_certificate_memo(der)
+    return _parse_certificate(der)
+
+
+@functools.lru_cache(maxsize=MEMO_ENTRIES)
+def _parse_certificate_memo(der: bytes) -> CertIdentity:
+    return _parse_certificate(der)
+
+
+def _parse_certificate(der: bytes) -> CertIdentity:
     try:
         cert = asn1_x509.Certificate.load(der)
         return identity_of(cert)

@@ -13,15 +13,19 @@ from tests.conftest import REFERENCE, ROOT
 def test_rules_list_shows_the_catalog(tmp_path):
     out = rmmhunt("rules", "list", "--format", "json", state=tmp_path)
     assert out.returncode == 0, out.stderr
-    rules = json.loads(out.stdout)
-    assert len(rules) >= 61
-    by_id = {r["id"]: r for r in rules}
+    payload = json.loads(out.stdout)
+    assert set(payload) == {"summary", "results", "errors"}
+    rules = payload["results"]
+    assert len(rules) >= 61 and payload["summary"]["rules"] == len(rules)
+    by_id = {r["RuleId"]: r for r in rules}
     assert {PULSEWAY, DWSERVICE} <= set(by_id)
-    assert by_id[PULSEWAY]["tool"] == "Pulseway" and by_id[PULSEWAY]["source"] == "published"
-    assert by_id[PULSEWAY]["patterns"] == ["Signer has MMSoft Design"]
-    assert {r["source"] for r in rules} == {"published", "rmmhunt"}
+    assert by_id[PULSEWAY]["Tool"] == "Pulseway" and by_id[PULSEWAY]["Source"] == "published"
+    assert by_id[PULSEWAY]["Patterns"] == ["Signer has MMSoft Design"]
+    assert by_id[PULSEWAY]["Techniques"] == ["T1219"]
+    assert {r["Source"] for r in rules} == {"published", "rmmhunt"}
+    assert len({tuple(r) for r in rules}) == 1  # the same PascalCase keys on every record
     table = rmmhunt("rules", "list", state=tmp_path)
-    assert PULSEWAY in table.stdout and "source" in table.stdout.splitlines()[0]
+    assert PULSEWAY in table.stdout and "Source" in table.stdout.splitlines()[0]
 
 
 def test_rules_check_reports_file_line_col_and_fails(tmp_path):

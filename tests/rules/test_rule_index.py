@@ -51,7 +51,7 @@ def shipped() -> RuleIndex[Any]:
 def fixture_rows() -> list[dict[str, Any]]:
     device = Device("0" * 40, "ws01.example.org")
     rows: list[dict[str, Any]] = []
-    for path in sorted((FIXTURES / "files").iterdir()):
+    for path in sorted(p for p in (FIXTURES / "files").rglob("*") if p.is_file()):
         data = path.read_bytes()
         facts = extract_stream(io.BytesIO(data), len(data), verifier=None)
         rows.extend(build_rows(facts, str(path), device, NOW, "scan"))

@@ -82,7 +82,7 @@ def test_rules_check_on_hostile_toml_is_one_clean_error(capsys, tmp_path) -> Non
     assert code == 2
     lines = out.splitlines()
     assert [line for line in lines if line.startswith(f"{deep}:")] == [
-        f"{deep}:0:0: TOML error: arrays or tables nested too deeply"
+        f"{deep}:1: invalid TOML: arrays or tables nested too deeply"
     ]
     assert len([line for line in lines if line.startswith(f"{binary}:")]) == 1, out  # one line, whatever reports it
 
@@ -98,3 +98,24 @@ def test_unknown_rule_id_and_never_matching_exclusion_are_warned_about_at_load(t
     warnings = [line for line in out.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 3, out.stderr
     assert warnings[2].startswith(f"rmmhunt: {config}:12:0: warning: exclusion 'typo-rule': no loaded rule")
+
+
+def test_rules_check_warns_about_a_rule_narrowed_only_by_an_attacker_controlled_column(tmp_path, capsys):
+    rule = tmp_path / "renamable.yaml"
+    rule.write_text(
+        "id: 11111111-2222-3333-4444-555555555555\n"
+        "name: Renamable\n"
+        "description: a broad signer narrowed by the file name only\n"
+        "tactics: [CommandAndControl]\n"
+        "relevantTechniques: [T1219]\n"
+        "query: |\n"
+        "  DeviceFileCertificateInfo\n"
+        "  | where Signer has 'Broad Vendor Inc' and FileName =~ 'agent.exe'\n",
+        encoding="utf-8",
+    )
+    from agent.cli import main
+
+    assert main(["rules", "check", str(tmp_path)]) == 0  # a warning, not an error
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert f"{rule}:1:1: warning: rule 11111111-2222-3333-4444-555555555555" in text

@@ -2,7 +2,7 @@
 vendor certificates, and proof that no rule fires on a generic signer.
 
 Every DER certificate in LOLRMM is turned into the row the extractor would emit (see
-agent.catalog_attribution) and run through every rule's row filter. A certificate of tool T is
+agent.catalog.attribution) and run through every rule's row filter. A certificate of tool T is
 *caught* when a rule attributed to T (its `tool`, or T in its `shared_with`) fires on it, either on
 the signer alone or together with one of the file names LOLRMM gives for T.
 
@@ -10,8 +10,12 @@ Two recall figures are printed: over all certificates, and over vendor certifica
 out generic signers such as Microsoft Corporation and certificates LOLRMM files under the wrong
 tool, both listed in config/generic_signers.yaml with their reason).
 
-Usage: python -m agent.catalog_report [--json] [--reference DIR] [--rules DIR] [--attribution FILE]
-Exit status: 0, or 1 if a rule fires on a generic signer or the catalog has load problems.
+Usage: python -m agent.catalog.report [--json] [--reference DIR] [--rules DIR] [--attribution FILE]
+It also gives the ATT&CK technique per tool and per technique, and the rules whose only qualifier
+of a broad signer is attacker-controlled (FileName/FolderPath; agent.catalog.lint, the goal is 0).
+
+Exit status: 0, or 1 if a rule fires on a generic signer, depends on an attacker-controlled column
+alone, or the catalog has load problems.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.catalog_attribution import (
+from agent.catalog.attribution import (
     DEFAULT_REFERENCE_DIR,
     REFERENCE_ENV,
     CertificateHits,
@@ -38,6 +42,8 @@ from agent.catalog_attribution import (
     load_lolrmm,
     reference_dir,
 )
+from agent.catalog.generate import TECHNIQUES
+from agent.catalog.lint import attacker_controlled_rules
 from agent.resources import rule_attribution_file, shipped_rules_dir
 from agent.rules.loader import Rule, load_rules
 
@@ -156,6 +162,29 @@ def build_report(
             no_der[listing.tool].append(listing.signer_name)
     rule_tools = {rule.tool for rule in rules}
 
+    # What each tool is: the techniques of the rules written for it (not of rules merely shared with it).
+    tool_techniques: dict[str, set[str]] = {}
+    for rule in rules:
+        tool_techniques.setdefault(rule.tool, set()).update(rule.techniques)
+    for tool, entry in tools.items():
+        entry["techniques"] = sorted(tool_techniques.get(tool, ()))
+    techniques: dict[str, dict[str, Any]] = {}
+    for rule in rules:
+        for technique in rule.techniques or ("(none)",):
+            slot = techniques.setdefault(technique, {"rules": 0, "tools": set(), "tactics": set()})
+            slot["rules"] += 1
+            slot["tools"].add(rule.tool)
+            known = TECHNIQUES.get(technique)
+            slot["tactics"].update([known[0]] if known else rule.tactics)
+    by_technique = {
+        t: {"rules": v["rules"], "tools": sorted(v["tools"], key=str.lower), "tactics": sorted(v["tactics"])}
+        for t, v in sorted(techniques.items())
+    }
+    flagged = [
+        {"id": rule.id, "path": Path(rule.path).name, "reason": reason}
+        for rule, reason in sorted(attacker_controlled_rules(rules), key=lambda item: Path(item[0].path).name)
+    ]
+
     return {
         "generated": now.isoformat(),
         "rules": len(rules),
@@ -175,6 +204,8 @@ def build_report(
         "tools_with_rule_but_no_der": sorted((t for t in rule_tools if t not in tools), key=str.lower),
         "without_der": {t: no_der[t] for t in sorted(no_der, key=str.lower)},
         "invalid_der": list(catalog.invalid_der),
+        "techniques": by_technique,
+        "attacker_controlled_rules": flagged,
     }
 
 
@@ -196,18 +227,34 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"recall, vendor certificates: {report['vendor_caught']}/{report['vendor_certificates']} = "
         f"{_percent(report['vendor_recall'])}  (generic / misfiled certificates left out)",
         "",
-        f"{'tool':<36} {'caught':>7} {'vendor':>7} {'signer':>6}",
+        f"{'tool':<36} {'caught':>7} {'vendor':>7} {'signer':>6}  technique",
     ]
     for tool, entry in report["tools"].items():
         lines.append(
             f"{tool[:36]:<36} {entry['caught']:>3}/{entry['certificates']:<3} "
-            f"{entry['vendor_caught']:>3}/{entry['vendor_certificates']:<3} {entry['by_signer']:>6}"
+            f"{entry['vendor_caught']:>3}/{entry['vendor_certificates']:<3} {entry['by_signer']:>6}  "
+            + (", ".join(entry["techniques"]) or "-")
         )
-    lines += ["", "(signer: certificates caught on the signer alone; the rest need a FileName condition)", ""]
+    lines += [
+        "",
+        "(signer: certificates caught on the signer alone; the rest need a qualifier: signed version info,"
+        " program name or file name)",
+        "",
+    ]
     lines.append(f"missed certificates ({len(report['tools_missed'])} tools):")
     for tool in report["tools_missed"]:
         for miss in report["tools"][tool]["missed"]:
             lines.append(f"  {tool}: {miss['signer']} [{miss['signer_hash'][:12]}] - {miss['reason']}")
+    lines.append("")
+    lines.append("rules per technique (what the tool is):")
+    for technique, entry in report["techniques"].items():
+        tactics = ", ".join(entry["tactics"])
+        lines.append(f"  {technique:<10} {tactics:<18} {entry['rules']:>3} rules, {len(entry['tools'])} tools")
+        if technique != "T1219":
+            lines.append(f"             {', '.join(entry['tools'])}")
+    flagged = report["attacker_controlled_rules"]
+    lines.append(f"rules whose only signer qualifier is attacker-controlled (FileName/FolderPath): {len(flagged)}")
+    lines.extend(f"  {item['path']}: {item['reason']}" for item in flagged)
     lines.append("")
     lines.append("tools none of whose certificates is caught: " + (", ".join(report["tools_not_found"]) or "none"))
     lines.append("")
@@ -249,7 +296,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.catalog_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.catalog.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--rules", type=Path, action="append", help="rules directory (default: the shipped one)")
     parser.add_argument(
@@ -263,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print(format_report(report), end="")
-    return 1 if report["generic_signer_hits"] or report["load_problems"] else 0
+    return 1 if report["generic_signer_hits"] or report["load_problems"] or report["attacker_controlled_rules"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""The dashboard at ``/``: a devices x RMM tools matrix with a drill-down to files.
+
+Login exchanges the API token for an HttpOnly, SameSite=Strict session cookie. Pages are
+static files; the script is ``/static/app.js`` (no inline script, a strict CSP) and it writes
+every value with ``textContent``, so a hostile signer name is shown, never run. No GET
+changes state: login and logout are POSTs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from agent.output import plain
+from collector.storage import Collector, cell_files, matrix_cells
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_DAYS = 3650
+
+
+def _since(days: float) -> dt.datetime:
+    days = max(0.01, min(float(days), MAX_DAYS))
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+
+
+def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
+    """The matrix for the page, compact: devices and tools listed once, each cell an array
+    ``[device index, tool index, FirstSeen, LastSeen, Count, Running, Untrusted]``."""
+    found = matrix_cells(collector, _since(days))
+    device_names: dict[str, str] = {c.device_id: c.device_name for c in found}
+    devices = sorted(device_names.items(), key=lambda x: (x[1], x[0]))
+    used_tools = sorted({c.tool for c in found}, key=str.casefold)
+    device_index = {d: i for i, (d, _n) in enumerate(devices)}
+    tool_index = {t: i for i, t in enumerate(used_tools)}
+    techniques: dict[str, set[str]] = {}
+    for rule in collector.rules:
+        techniques.setdefault(rule.tool, set()).update(rule.techniques)
+    dropped = {d["DeviceId"]: d["DroppedRows"] for d in collector.list_devices()}
+    return {
+        "ruleset_version": collector.hits_ruleset() or collector.ruleset,
+        "devices": [{"DeviceId": d, "DeviceName": n, "DroppedRows": dropped.get(d, 0)} for d, n in devices],
+        "tools": [{"Tool": t, "Techniques": sorted(techniques.get(t, ()))} for t in used_tools],
+        "cell_columns": ["Device", "Tool", "FirstSeen", "LastSeen", "Count", "Running", "Untrusted"],
+        "cells": [
+            [
+                device_index[c.device_id],
+                tool_index[c.tool],
+                _iso(c.first_seen),
+                _iso(c.last_seen),
+                c.count,
+                c.running > 0,
+                c.untrusted > 0,
+            ]
+            for c in found
+        ],
+    }
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_token: Callable[[Request], None]) -> None:
+    def logged_in(request: Request) -> bool:
+        try:
+            require_token(request)
+        except HTTPException:
+            return False
+        return True
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> Response:
+        if not logged_in(request):
+            return FileResponse(STATIC / "login.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > 4096:
+            raise HTTPException(status_code=413)
+        form = parse_qs(body.decode("utf-8", "replace"))
+        token = (form.get("token") or [""])[0]
+        from collector.api import SESSION_COOKIE, _same
+
+        if not _same(token, secrets.api_token):
+            return RedirectResponse("/?error=1", status_code=303)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            secrets.session_value(),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout() -> Response:
+        from collector.api import SESSION_COOKIE
+
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    @app.get("/api/v1/matrix", responses={401: {"description": "API token required"}})
+    async def matrix(request: Request, days: float = 5.0) -> JSONResponse:
+        require_token(request)
+        return JSONResponse(await run_in_threadpool(build_matrix, collector, days))
+
+    @app.get("/api/v1/matrix/cell", responses={401: {"description": "API token required"}})
+    async def cell(request: Request, device: str, tool: str, days: float = 5.0) -> JSONResponse:
+        require_token(request)
+        rule_ids = [r.id for r in collector.rules if r.tool == tool]
+        files = await run_in_threadpool(cell_files, collector, device, rule_ids, _since(days)) if rule_ids else []
+        return JSONResponse(plain({"DeviceId": device, "Tool": tool, "files": files}))
