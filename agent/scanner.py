@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import filecache
 from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
 from agent.extract.sniff import HEADER_BYTES, classify
 from agent.platform import SpecialFile, open_regular
@@ -30,7 +31,8 @@ from agent.rows import Device, ProcessContext, build_rows
 from agent.rules.index import RuleIndex
 from agent.rules.loader import Rule
 from agent.schema import FILE_STATUSES
-from agent.sources.walk import WalkCounters, WalkItem, iter_files, status_of
+from agent.sources import prefetch
+from agent.sources.walk import WalkCounters, WalkItem, iter_batches, status_of
 from agent.store import CacheEntry, Store, StoreError, facts_from_json, facts_to_json
 from agent.textenc import encodable, escape_path
 
@@ -224,6 +226,7 @@ class Scanner:
         clock: Clock = utc_now,
         caps: Mapping[str, int] | None = None,
         examine: Examine | None = None,
+        prefetch_threads: int = prefetch.DEFAULT_THREADS,
     ) -> None:
         self.caps = dict(caps or {})  # certificate-table caps for extract_stream (Settings.extract_caps)
         self.store = store
@@ -237,8 +240,13 @@ class Scanner:
         self.clock = clock
         # sweep seam: a source that is not a host path (a disk image) reads its own items
         self.examine_hook = examine
+        self.prefetch_threads = prefetch_threads  # perf: parallel I/O ahead of the scan (0: none)
         self._cache: dict[str, CacheEntry] | None = None
         self._pending_cache: list[tuple[str, CacheEntry]] = []
+        # perf: the cache is looked up a batch at a time (agent.filecache), never loaded whole
+        # (unless something reads ``cache``); entries written but not flushed yet are found here.
+        self._pending_by_path: dict[str, CacheEntry] = {}
+        self._last_commit = 0.0
         # During a scan: what each previously signed path holds now (bounded by signed files).
         self._outcomes: dict[str, str] | None = None
         self._previous: dict[str, str] = {}  # path -> SHA256 of the signed file cached before this scan
@@ -250,6 +258,17 @@ class Scanner:
         if self._cache is None:
             self._cache = self.store.load_cache(self.device.device_id)
         return self._cache
+
+    # --- perf: the file cache looked up per batch instead of loaded whole
+    def _lookup(self, paths: Sequence[str]) -> dict[str, CacheEntry]:
+        if self._cache is not None:
+            cache = self._cache
+            return {p: cache[p] for p in paths if p in cache}
+        found = filecache.lookup(self.store.db, self.device.device_id, paths)
+        for p in paths:
+            if p in self._pending_by_path:
+                found[p] = self._pending_by_path[p]
+        return found
 
     # --- one file
     def _examine(self, item: WalkItem) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
@@ -277,12 +296,25 @@ class Scanner:
         self, item: WalkItem, stats: ScanStats, *, process: ProcessContext | None = None, force: bool = False
     ) -> list[dict[str, Any]]:
         """Take one walked item to its final status; store rows and hits. Returns the new rows."""
+        cached = None if item.status else self._lookup([item.path]).get(item.path)
+        return self._observe(item, stats, cached, None, process=process, force=force)
+
+    def _observe(
+        self,
+        item: WalkItem,
+        stats: ScanStats,
+        cached: CacheEntry | None,
+        now: dt.datetime | None,
+        *,
+        process: ProcessContext | None = None,
+        force: bool = False,
+    ) -> list[dict[str, Any]]:
+        """``observe`` with the cache entry already looked up and, in a scan, one clock read per batch."""
         stats.files += 1
         if item.status:  # the walk already knows (special file, stat failed)
             self._record(stats, item.path, item.status, item.detail, "")
             self._outcome(item.path, _OUTCOME_OF_STATUS.get(item.status, _UNKNOWN))
             return []
-        cached = self.cache.get(item.path)
         if cached is not None and not force and cached.same_file(item.st_dev, item.st_ino, item.size, item.mtime_ns):
             stats.unchanged += 1
             self._record(stats, item.path, cached.status, "", cached.kind)
@@ -290,14 +322,14 @@ class Scanner:
             if not cached.facts:
                 return []
             stats.current.add((item.path, _sha256_of(cached)))
-            now = self.clock()
+            now = now or self.clock()
             if not self._due(cached, now):
                 return []
             self._remember(item.path, cached._replace(last_emitted=now.isoformat()))
             return self._emit(facts_from_json(cached.facts), item.path, now, stats, process)
         stats.parsed += 1
         status, facts, detail, ident = self._examine(item)
-        return self.observe_facts(item.path, status, facts, detail, ident, stats, process=process)
+        return self.observe_facts(item.path, status, facts, detail, ident, stats, process=process, now=now)
 
     def observe_facts(
         self,
@@ -309,6 +341,7 @@ class Scanner:
         stats: ScanStats,
         *,
         process: ProcessContext | None = None,
+        now: dt.datetime | None = None,
     ) -> list[dict[str, Any]]:
         """Record what examining one file gave; store its rows and hits. Rows are emitted
         whenever signer facts exist, whatever the status: a file whose hashing ran out of time
@@ -316,7 +349,7 @@ class Scanner:
         kind = facts.kind if facts is not None else ""
         self._record(stats, path, status, detail, kind)
         has_signers = facts is not None and bool(facts.signatures)
-        now = self.clock()
+        now = now or self.clock()
         if has_signers and facts is not None:
             key = (path, facts.sha256)
             stats.current.add(key)
@@ -351,7 +384,9 @@ class Scanner:
         return cached.last_emitted is None or now - dt.datetime.fromisoformat(cached.last_emitted) >= self.reobserve
 
     def _remember(self, path: str, entry: CacheEntry) -> None:
-        self.cache[path] = entry
+        self._pending_by_path[path] = entry
+        if self._cache is not None:
+            self._cache[path] = entry
         self._pending_cache.append((path, entry))
 
     @staticmethod
@@ -409,47 +444,83 @@ class Scanner:
         self._returned = set()
         # Signed files already known under the roots: the only ones that can be "gone".
         scanned = [os.path.abspath(r) for r in roots]
-        self._previous = {p: _sha256_of(e) for p, e in self.cache.items() if e.facts and _under(p, scanned)}
+        signed = (
+            filecache.iter_signed(self.store.db, self.device.device_id)
+            if self._cache is None
+            else ((p, e) for p, e in self._cache.items() if e.facts)
+        )
+        self._previous = {p: _sha256_of(e) for p, e in signed if _under(p, scanned)}
         self._outcomes = dict.fromkeys(self._previous, _UNKNOWN)
         self._missing = set(self._previous)
         self.store.begin()
-        last_commit = time.monotonic()
+        self._last_commit = time.monotonic()
         completed = False
+        n = 0
+        pool = prefetch.Prefetcher(self.prefetch_threads) if self.prefetch_threads > 0 else None
         try:
-            for n, item in enumerate(
-                iter_files(
-                    roots, follow_symlinks=follow_symlinks, skip_dirs=skip_dirs, counters=stats.walk, errors=dir_errors
-                ),
-                start=1,
+            for batch in iter_batches(
+                roots,
+                follow_symlinks=follow_symlinks,
+                skip_dirs=skip_dirs,
+                counters=stats.walk,
+                errors=dir_errors,
+                stat_many=pool.map_ordered if pool is not None else None,
+                warm_dirs=pool.warm_dirs if pool is not None else None,
             ):
-                self._missing.discard(item.path)
+                # perf: the pool warms the batch's files while this thread works through them;
+                # one cache SELECT and one clock read per batch (one directory's files)
+                cached = self._lookup([item.path for item in batch if not item.status])
+                warming = []
+                if pool is not None:  # only files that will be opened: not the unchanged ones
+                    warming = pool.warm_batch([item for item in batch if not _unchanged(cached.get(item.path), item)])
                 try:
-                    self.observe(item, stats)
-                except StoreError:
-                    raise  # the store itself failed (disk full, damaged, read-only): stop, committed work is kept
-                except Exception as exc:  # a bug must not end the scan: the file gets a status
-                    log.exception("internal error on %s", escape_path(item.path))
-                    stats.statuses["PARSE_ERROR"] += 1
-                    stats.errors_total += 1
-                    stats.errors.append({"path": item.path, "status": "PARSE_ERROR", "detail": f"internal: {exc}"})
-                if n % COMMIT_EVERY_FILES == 0 or time.monotonic() - last_commit >= COMMIT_EVERY_SECONDS:
-                    self.flush()
-                    self.store.begin()
-                    last_commit = time.monotonic()
-                if progress is not None:
-                    progress(stats, item.path)
+                    self._scan_batch(batch, cached, stats, n, progress)
+                finally:
+                    prefetch.Prefetcher.wait(warming)  # done before the walk moves on (dir_fd)
+                n += len(batch)
             completed = True
         finally:
+            if pool is not None:
+                pool.close()
             if completed:
                 self._record_gone(stats)
             self.flush()
             self._outcomes, self._previous, self._missing = None, {}, set()
+            self._pending_by_path = {}
             stats.elapsed = time.time() - stats.started
         for path, message in dir_errors:
             stats.errors_total += 1
             if len(stats.errors) < MAX_ERRORS_KEPT:
                 stats.errors.append({"path": path, "status": "DIRECTORY_ERROR", "detail": message})
         return stats
+
+    def _scan_batch(
+        self,
+        batch: list[WalkItem],
+        cached: dict[str, CacheEntry],
+        stats: ScanStats,
+        n: int,
+        progress: Callable[[ScanStats, str], None] | None,
+    ) -> None:
+        now = self.clock()
+        for item in batch:
+            n += 1
+            self._missing.discard(item.path)
+            try:
+                self._observe(item, stats, cached.get(item.path), now)
+            except StoreError:
+                raise  # the store itself failed (disk full, damaged, read-only): stop, committed work is kept
+            except Exception as exc:  # a bug must not end the scan: the file gets a status
+                log.exception("internal error on %s", escape_path(item.path))
+                stats.statuses["PARSE_ERROR"] += 1
+                stats.errors_total += 1
+                stats.errors.append({"path": item.path, "status": "PARSE_ERROR", "detail": f"internal: {exc}"})
+            if n % COMMIT_EVERY_FILES == 0 or time.monotonic() - self._last_commit >= COMMIT_EVERY_SECONDS:
+                self.flush()
+                self.store.begin()
+                self._last_commit = time.monotonic()
+            if progress is not None:
+                progress(stats, item.path)
 
     def _record_gone(self, stats: ScanStats) -> None:
         """Signed files known under the scanned roots that are gone now, or hold other content:
@@ -469,7 +540,9 @@ class Scanner:
             if outcome == _MISSING:
                 dropped.append(path)
         for path in dropped:
-            self.cache.pop(path, None)
+            if self._cache is not None:
+                self._cache.pop(path, None)
+            self._pending_by_path.pop(path, None)
         if dropped:
             drop = set(dropped)
             self._pending_cache = [(p, e) for p, e in self._pending_cache if p not in drop]
@@ -484,7 +557,12 @@ class Scanner:
         if self._pending_cache:
             self.store.put_cache(self.device.device_id, self._pending_cache)
             self._pending_cache = []
+        self._pending_by_path = {}
         self.store.commit()
+
+
+def _unchanged(cached: CacheEntry | None, item: WalkItem) -> bool:
+    return cached is not None and cached.same_file(item.st_dev, item.st_ino, item.size, item.mtime_ns)
 
 
 def _still_exists(path: str) -> bool:

@@ -30,7 +30,8 @@ else raises KqlError at parse time with the line and column of the offending tok
 
 Besides the agreed API, Query exposes `output_columns` (names after the last stage),
 `has_summarize`, `row_level` (every stage looks at one row) and `anchors` (agent.rules.index).
-Queries compare equal when their text is equal. Query is not picklable.
+Queries compare equal when their text is equal. A Query pickles as its parsed form and is compiled
+again when unpickled (agent.rules.cache keeps parsed rules between runs).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Query:
         "_row_stages",
         "_slot_fns",
         "_env_cache",
+        "_parsed",
     )
 
     text: str
@@ -103,6 +105,7 @@ class Query:
     anchors: Anchors | None
 
     def __init__(self, parsed: ParsedQuery) -> None:
+        self._parsed = parsed
         self.text = parsed.text
         self.columns_used = parsed.columns_used
         self.string_patterns = _string_patterns(parsed)
@@ -118,6 +121,9 @@ class Query:
 
     def __repr__(self) -> str:
         return f"Query({self.text!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the compiled closures are rebuilt from the parse
+        return (Query, (self._parsed,))
 
     def __eq__(self, other: object) -> bool:  # the same text is the same query
         return isinstance(other, Query) and other.text == self.text

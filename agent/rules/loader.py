@@ -335,13 +335,54 @@ def _rule_files(dirs: Sequence[Path]) -> tuple[list[Path], list[RuleProblem]]:
     return files, problems
 
 
-def load_rules(dirs: Sequence[Path], *, attribution: Path | None = None) -> RuleSet:
+_DEFAULT_CACHE: Any = object()
+
+
+def load_rules(
+    dirs: Sequence[Path], *, attribution: Path | None = None, cache_dir: Path | None = _DEFAULT_CACHE
+) -> RuleSet:
     """Load every *.yaml / *.yml file directly in `dirs` (each directory sorted by name).
 
     A bad file becomes a RuleProblem and the others still load. A rule whose id was already loaded
     from an earlier file is a problem on the later file, which is skipped.
+
+    The result is kept in a compiled-rules cache (agent.rules.cache) keyed by the hash of the
+    files' bytes: ``cache_dir`` (default ``rules.cache.default_cache_dir()``; None: no cache).
     """
+    from agent.rules import cache
+
     files, problems = _rule_files(dirs)
+    directory = cache.default_cache_dir() if cache_dir is _DEFAULT_CACHE else cache_dir
+    key = _cache_key(dirs, files, problems, attribution) if directory is not None else None
+    if key is not None:
+        cached = cache.load_cached(directory, key)
+        if isinstance(cached, RuleSet):
+            return cached
+    ruleset = _load_rules(files, problems, attribution)
+    if key is not None:
+        cache.store_cached(directory, key, ruleset)
+    return ruleset
+
+
+def _cache_key(
+    dirs: Sequence[Path], files: list[Path], problems: list[RuleProblem], attribution: Path | None
+) -> str | None:
+    """The cache key over every input of the result; None (no cache) when a file cannot be read."""
+    from agent.rules import cache
+
+    parts = [repr([str(d) for d in dirs]).encode("utf-8", "surrogateescape"), repr(problems).encode()]
+    try:
+        for path in files + ([Path(attribution)] if attribution is not None else []):
+            parts.append(str(path).encode("utf-8", "surrogateescape"))
+            if path.stat().st_size > MAX_RULE_FILE_BYTES:
+                return None
+            parts.append(path.read_bytes())
+    except OSError:
+        return None  # the loader reports it; nothing to cache against
+    return cache.cache_key(parts)
+
+
+def _load_rules(files: list[Path], problems: list[RuleProblem], attribution: Path | None) -> RuleSet:
     attributions: dict[str, _Attribution] = {}
     if attribution is not None:
         try:

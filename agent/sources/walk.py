@@ -14,19 +14,22 @@ name holds is kept exactly.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from agent.platform import DANGLING_SYMLINK, RELATIVE_OPEN, open_directory, special_kind
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_DIRS = 32  # directory descriptors held open at once, whatever the depth
+BATCH_FILES = 256  # items per batch of iter_batches (one directory's files, at most this many)
+StatMany = Callable[[Callable[[str], os.stat_result], list[str]], list[Any]]
 
 
 class WalkItem(NamedTuple):  # a tuple: one per walked file, so cheap to build
@@ -154,6 +157,30 @@ def iter_files(
     they are not files, so they have no file status. With ``follow_symlinks`` each
     directory is entered once per (st_dev, st_ino), so symlink loops end.
     """
+    for batch in iter_batches(
+        roots, follow_symlinks=follow_symlinks, skip_dirs=skip_dirs, counters=counters, errors=errors
+    ):
+        yield from batch
+
+
+def iter_batches(
+    roots: Iterable[str],
+    *,
+    follow_symlinks: bool = False,
+    skip_dirs: frozenset[str] = frozenset(),
+    counters: WalkCounters | None = None,
+    errors: list[tuple[str, str]] | None = None,
+    batch_size: int = BATCH_FILES,
+    stat_many: StatMany | None = None,
+    warm_dirs: Callable[[list[str]], None] | None = None,
+) -> Iterator[list[WalkItem]]:
+    """``iter_files`` in batches: the items of one directory (at most ``batch_size`` at a time),
+    in the same order. Their ``dir_fd`` stays valid until the next batch is drawn, so a
+    consumer can look a whole batch up (the file cache) or read it ahead before examining it.
+
+    ``stat_many(fn, entries)`` (``Prefetcher.map_ordered``) runs a directory's per-file stats in
+    a thread pool, results in order, and ``warm_dirs(paths)`` (``Prefetcher.warm_dirs``) is told
+    the subdirectories about to be walked, next first; the items are the same as without them."""
     counters = counters if counters is not None else WalkCounters()
     errors = errors if errors is not None else []
     visited: set[tuple[int, int]] = set()
@@ -167,11 +194,20 @@ def iter_files(
                 errors.append((root, f"{status}: {detail}"))
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                yield _item_from_stat(os.path.abspath(root), st, follow=True)
+                yield [_item_from_stat(os.path.abspath(root), st, follow=True)]
                 continue
             path = os.path.abspath(root)
             yield from _walk_tree(
-                _Dir(None, path, path, True), open_dirs, visited, follow_symlinks, skip_dirs, counters, errors
+                _Dir(None, path, path, True),
+                open_dirs,
+                visited,
+                follow_symlinks,
+                skip_dirs,
+                counters,
+                errors,
+                max(1, batch_size),
+                stat_many,
+                warm_dirs,
             )
     finally:
         open_dirs.close()
@@ -185,7 +221,10 @@ def _walk_tree(
     skip_dirs: frozenset[str],
     counters: WalkCounters,
     errors: list[tuple[str, str]],
-) -> Iterator[WalkItem]:
+    batch_size: int,
+    stat_many: StatMany | None = None,
+    warm_dirs: Callable[[list[str]], None] | None = None,
+) -> Iterator[list[WalkItem]]:
     stack = [root]
     while stack:
         node = stack.pop()
@@ -217,9 +256,21 @@ def _walk_tree(
             errors.append((directory, f"{status}: {detail}"))
             continue
         subdirs: list[tuple[str, str, bool]] = []
-        for entry in entries:
+        batch: list[WalkItem] = []
+        stats_ahead: dict[int, Any] = {}
+        if stat_many is not None and fd >= 0:  # a cold cache: the pool stats plain files ahead, in order
+            plain = [i for i, e in enumerate(entries) if _plain(e)]
+            results = stat_many(
+                functools.partial(os.stat, dir_fd=fd, follow_symlinks=False), [entries[i].name for i in plain]
+            )
+            stats_ahead = dict(zip(plain, results, strict=True))
+        prefix = directory if directory.endswith(os.sep) else directory + os.sep  # os.path.join, once per directory
+        for index, entry in enumerate(entries):
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
             name = entry.name
-            path = os.path.join(directory, name)
+            path = prefix + name
             try:
                 # d_type answers symlink/directory/regular without a stat; the stat that gives
                 # size and mtime for the cache is relative to the open directory.
@@ -234,19 +285,24 @@ def _walk_tree(
                             continue
                         subdirs.append((name, path, True))
                         continue
-                    yield _item_from_stat(path, est, fd, name, follow=True)
+                    batch.append(_item_from_stat(path, est, fd, name, follow=True))
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append((name, path, False))
                     continue
-                est = _stat(entry, fd, follow=False)
+                ahead = stats_ahead.pop(index, None)
+                if isinstance(ahead, OSError):
+                    raise ahead
+                est = ahead if isinstance(ahead, os.stat_result) else _stat(entry, fd, follow=False)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR) and entry.is_symlink():
                     exc = FileNotFoundError(errno.ENOENT, DANGLING_SYMLINK)
                 status, detail = status_of(exc)
-                yield WalkItem(path, status=status, detail=detail)
+                batch.append(WalkItem(path, status=status, detail=detail))
                 continue
-            yield _item_from_stat(path, est, fd, name)
+            batch.append(_item_from_stat(path, est, fd, name))
+        if batch:
+            yield batch
         for name, path, follow in sorted(subdirs, reverse=True):
             if path in skip_dirs:
                 counters.mounts_skipped += 1
@@ -260,6 +316,16 @@ def _walk_tree(
                     continue
                 visited.add((sst.st_dev, sst.st_ino))
             stack.append(_Dir(node, name, path, follow))
+        if warm_dirs is not None and subdirs:
+            warm_dirs([path for _name, path, follow in sorted(subdirs) if not follow and path not in skip_dirs])
+
+
+def _plain(entry: os.DirEntry[str]) -> bool:
+    """A non-symlink, non-directory entry by its d_type (no system call unless unknown)."""
+    try:
+        return not entry.is_symlink() and not entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _stat(entry: os.DirEntry[str], dir_fd: int, *, follow: bool) -> os.stat_result:

@@ -1,0 +1,122 @@
+"""The scan engine's economies keep its results: the file cache is looked up per batch (never
+loaded whole), the walk comes in per-directory batches, one clock read per batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+
+from agent.rows import Device
+from agent.scanner import Matcher, Scanner
+from agent.sources.walk import iter_batches, iter_files
+from agent.store import Store
+from tests.conftest import FIXTURES
+
+SIGNED = FIXTURES / "files" / "pulseway.exe"
+
+
+def _tree(base, files_in_big_dir: int = 600):
+    big = base / "big"
+    big.mkdir(parents=True)
+    for i in range(files_in_big_dir):
+        (big / f"f{i:04d}.txt").write_bytes(b"x" * (i % 7))
+    for d in ("a", "a/b", "c"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(SIGNED, base / d / "tool.exe")
+        (base / d / "note.txt").write_text("hello")
+
+
+def test_batches_are_the_walk_in_order_one_directory_at_a_time(tmp_path):
+    _tree(tmp_path)
+    batches = list(iter_batches([str(tmp_path)], batch_size=256))
+    flat = [item.path for batch in batches for item in batch]
+    assert flat == [item.path for item in iter_files([str(tmp_path)])]
+    assert all(1 <= len(b) <= 256 for b in batches)
+    assert all(len({os.path.dirname(i.path) for i in b}) == 1 for b in batches)
+    assert len(flat) == 600 + 6
+
+
+def test_scan_looks_the_cache_up_per_batch_and_keeps_its_correctness(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    _tree(tree)
+    clock_reads = []
+
+    def clock() -> dt.datetime:
+        clock_reads.append(1)
+        return dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    loads = []
+    real_load = Store.load_cache
+    monkeypatch.setattr(Store, "load_cache", lambda self, device_id: loads.append(1) or real_load(self, device_id))
+    with Store(tmp_path / "s.sqlite3") as store:
+
+        def scan():
+            scanner = Scanner(
+                store,
+                Device("a" * 40, "host"),
+                Matcher([]),
+                None,
+                max_file_size=1 << 26,
+                file_time_budget=30,
+                reobserve_interval=86400,
+                clock=clock,
+            )
+            return scanner.scan([str(tree)])
+
+        first = scan()
+        assert (first.files, first.parsed, first.signed_files, first.rows) == (606, 606, 3, 3)
+        assert len(clock_reads) < 20  # one per batch (+ the closing gone check), not one per file
+        again = scan()
+        assert (again.parsed, again.unchanged, again.rows) == (0, 606, 0)
+        (tree / "big" / "f0003.txt").write_bytes(b"changed content")
+        (tree / "c" / "tool.exe").write_bytes(b"MZ not a PE any more" * 10)
+        third = scan()
+        assert (third.parsed, third.unchanged) == (2, 604)
+        assert [(p, s) for p, s, _ in third.gone] == [(str(tree / "c" / "tool.exe"), "")]
+        os.unlink(tree / "a" / "tool.exe")
+        fourth = scan()
+        assert {p for p, _s, _w in fourth.gone} == {str(tree / "a" / "tool.exe")}
+        assert fourth.parsed == 0
+    assert loads == []  # the whole cache was never loaded
+
+
+def _results(tmp_path, tree, threads: int, state: str):
+    """(statuses, per-path outcome list) of one scan with that many prefetch threads."""
+    with Store(tmp_path / state) as store:
+        scanner = Scanner(
+            store,
+            Device("a" * 40, "host"),
+            Matcher([]),
+            None,
+            max_file_size=1 << 26,
+            file_time_budget=30,
+            reobserve_interval=86400,
+            prefetch_threads=threads,
+        )
+        seen: list[str] = []
+        stats = scanner.scan([str(tree)], progress=lambda _s, path: seen.append(path))
+        rows = [(r["FolderPath"], r["Signer"]) for r in store.iter_rows()]
+    return dict(stats.statuses), stats.errors, seen, rows
+
+
+def test_prefetch_pool_keeps_order_and_every_status(tmp_path, monkeypatch):
+    from agent.sources import prefetch
+    from tests.hostile_tree import make_hostile_tree
+
+    monkeypatch.setattr(prefetch, "COLD_SECONDS", -1.0)  # every stat counts as cold: the pool always works
+    warmed = []
+    real_warm = prefetch.warm
+    monkeypatch.setattr(prefetch, "warm", lambda item: warmed.append(item.path) or real_warm(item))
+
+    tree = tmp_path / "tree"
+    _tree(tree, files_in_big_dir=300)
+    make_hostile_tree(tree)
+    os.mkfifo(tree / "big" / "a.fifo")  # never opened, by the scanner or the pool
+    (tree / "big" / "locked.txt").write_text("x")
+    os.chmod(tree / "big" / "locked.txt", 0)
+    serial = _results(tmp_path, tree, 0, "serial.sqlite3")
+    pooled = _results(tmp_path, tree, 8, "pooled.sqlite3")
+    assert pooled == serial
+    assert len(warmed) > 300  # the pool did the reading ahead
+    assert serial[0]["OK"] >= 3 and serial[0]["NOT_PE"] > 300
