@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.rules.index import RuleIndex
 from agent.rules.loader import Rule
 from agent.scanner import evidence_dict
 
@@ -60,11 +61,18 @@ def run_hunt(
     or when one of the ``exclusions`` in force now applies to it for that rule.
     """
     pool = [r for r in rows if include_excluded or not r.get("Excluded")]
+    # Each row goes only to the rules whose terms occur in it (RuleIndex: exactly the same results
+    # as evaluating every rule on every row, tests/rules/test_rule_index.py), in the pool's order.
+    index = RuleIndex(rules)
+    candidates_of: dict[int, list[dict[str, Any]]] = {}
+    for row in pool:
+        for rule in index.candidates(row):
+            candidates_of.setdefault(id(rule), []).append(row)
     results: list[HuntResult] = []
     for rule in rules:
         matched = []
         evidence_of: dict[int, list[dict[str, Any]]] = {}
-        for row in pool:
+        for row in candidates_of.get(id(rule), ()):
             evidence = rule.query.filter_row(row, now=now)
             if evidence is None or (not include_excluded and _excluded(row, rule.id, excluded_for, exclusions)):
                 continue
