@@ -155,3 +155,28 @@ def test_collector_imports_a_sweep_bundle_once_and_refuses_a_tampered_one(tmp_pa
     assert rmmhunt_main(["--state-dir", str(tmp_path / "c2"), "collector", "import", str(tampered)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rmmhunt: error:") and "refused" in err and err.count("\n") == 1
+
+
+def test_an_imported_bundle_shows_its_device_in_the_live_api(tmp_path, capsys):
+    """Issue 10's acceptance through HTTP: `collector import BUNDLE.zip` into the database a live
+    collector serves, then GET /api/v1/hunts lists the swept device."""
+    from tests.collector.conftest import free_port
+    from tests.collector.live import API_TOKEN, LiveCollector
+    from tests.conftest import FIXTURES
+
+    bundle = tmp_path / "ir.zip"
+    sweep = ["--state-dir", str(tmp_path / "sweeper"), "sweep", str(FIXTURES / "files"), "--out", str(bundle)]
+    assert rmmhunt_main([*sweep, "--device-name", "ir-host-01"]) == 1
+    database = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    with LiveCollector(tmp_path / "collector", free_port(), database=database) as live:
+        assert (
+            rmmhunt_main(
+                ["--state-dir", str(tmp_path / "c"), "collector", "import", str(bundle), "--database", database]
+            )
+            == 0
+        )
+        with live.client() as c:
+            hunts = c.get("/api/v1/hunts", headers={"Authorization": f"Bearer {API_TOKEN}"}).json()
+    capsys.readouterr()
+    text = json.dumps(hunts)
+    assert "ir-host-01" in text and "Pulseway" in text and "DWService" in text
