@@ -8,7 +8,7 @@ DEB_STAMP := $(VENV)/.debs
 # Debian packages: osslsigncode + wixl (msitools) build the signed fixtures (make fixtures);
 # the scan needs none beyond the base system (libcrypto for oscrypto); the tests also need
 # postgresql and chromium (test-debs below).
-DEB_PACKAGES := openssl osslsigncode wixl
+DEB_PACKAGES := openssl osslsigncode wixl mingw-w64
 SCAN_ARGS ?=
 
 .PHONY: install debs test-debs scan test lint fixtures bench fuzz catalog catalog-report build clean
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 $(DEB_STAMP):
 	@mkdir -p $(VENV)
 	@missing=""; \
-	for t in openssl osslsigncode wixl; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	for t in openssl osslsigncode wixl x86_64-w64-mingw32-windres; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
@@ -36,12 +36,17 @@ $(DEB_STAMP):
 
 debs: $(DEB_STAMP)
 
-# The collector tests run a real PostgreSQL and a real headless Chromium (Debian packages
-# postgresql and chromium), installed here only when missing.
+# Debian packages the tests use, installed here only when missing: a real PostgreSQL and a headless
+# Chromium (collector, dashboard, sweep report), ntfs-3g, qemu-utils and ewf-tools (generated disk
+# images for the sweep tests) and systemd (systemd-analyze verify of the unit).
 test-debs:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v mkntfs >/dev/null || missing="$$missing ntfs-3g"; \
+	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
+	command -v ewfacquire >/dev/null || missing="$$missing ewf-tools"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for the tests:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
