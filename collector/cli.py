@@ -278,8 +278,10 @@ def cmd_hunt(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     from agent.cli import _write
-    from agent.output import render
+    from agent.output import check_out, format_for, render
 
+    fmt = format_for(args.out, args.format)  # --format, else --out's extension, else the table
+    check_out(args.out)
     collector = _open(args)
     try:
         if args.devices_command == "revoke":
@@ -287,7 +289,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 raise CollectorError(f"unknown device: {args.device_id}")
             print(f"revoked {args.device_id}", file=sys.stderr)
             return EXIT_CLEAN
-        _write(render(collector.list_devices(), args.format), args.out)
+        _write(render(collector.list_devices(), fmt), args.out)
         return EXIT_CLEAN
     finally:
         collector.close()

@@ -92,6 +92,8 @@ def test_collector_import_and_hunt_commands(tmp_path, capsys, shipped_rules, now
     assert [(r["Tool"], r["Count"], r["Report"]) for r in results] == [("Pulseway", 3, [1, 2, 3])]
     assert rmmhunt_main([*state, "collector", "hunt", "--rows"]) == 1
     assert "MMSoft Design Ltd." in capsys.readouterr().out
+    assert rmmhunt_main([*state, "collector", "devices", "list"]) == 0  # the default format is the table
+    assert capsys.readouterr().out == "(none)\n"  # imported rows enrol no device
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(wire_row(rows[0])) + "\n{oops\n", encoding="utf-8")
     assert rmmhunt_main([*state, "collector", "import", str(bad)]) == 2
