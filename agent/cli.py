@@ -432,7 +432,7 @@ def summary_text(stats: Mapping[str, Any], results: int) -> str:
 def cmd_scan(args: argparse.Namespace) -> int:
     from agent import platform
     from agent.extract.authenticode import TrustVerifier, load_roots
-    from agent.scanner import Matcher, Scanner
+    from agent.scanner import Matcher, scanner_for
     from agent.views.records import error_record, findings_of, incomplete_reasons, tally
     from agent.views.table import make_console, scan_summary_lines
 
@@ -464,16 +464,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if total is None:
             progress.count_in_background(roots, skip)
     with _open_store(settings) as store:
-        scanner = Scanner(
-            store,
-            device,
-            Matcher(rules, exclusions),
-            verifier,
-            max_file_size=settings.max_file_size,
-            file_time_budget=settings.file_time_budget,
-            reobserve_interval=settings.reobserve_interval,
-            caps=settings.extract_caps,
-        )
+        scanner = scanner_for(settings, store, device, Matcher(rules, exclusions), verifier)
         try:
             per_file = runtime_cli.with_cpu_cap(progress, settings.max_cpu_percent)
             stats = scanner.scan(roots, skip_dirs=skip, follow_symlinks=settings.follow_symlinks, progress=per_file)

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import filecache
 from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
@@ -35,6 +35,9 @@ from agent.sources import prefetch
 from agent.sources.walk import WalkCounters, WalkItem, iter_batches, status_of
 from agent.store import CacheEntry, Store, StoreError, facts_from_json, facts_to_json
 from agent.textenc import encodable, escape_path
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -574,3 +577,29 @@ def _still_exists(path: str) -> bool:
     except OSError:
         return True
     return True
+
+
+def scanner_for(
+    settings: Settings,
+    store: Store,
+    device: Device,
+    matcher: Matcher,
+    verifier: TrustVerifier | None,
+    *,
+    source: str = "scan",
+    examine: Examine | None = None,
+) -> Scanner:
+    """The one place a Scanner is assembled from Settings (scan, the service, the sweep): the size
+    cap, the per-file budget, the re-observe interval and the certificate-table caps."""
+    return Scanner(
+        store,
+        device,
+        matcher,
+        verifier,
+        max_file_size=settings.max_file_size,
+        file_time_budget=settings.file_time_budget,
+        reobserve_interval=settings.reobserve_interval,
+        source=source,
+        caps=settings.extract_caps,
+        examine=examine,
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent import platform
 from agent.rows import Device, ProcessContext
-from agent.scanner import Matcher, Scanner, ScanStats
+from agent.scanner import Matcher, ScanStats, scanner_for
 from agent.settings import ConfigError, Settings
 from agent.sources.walk import WalkItem
 
@@ -137,16 +137,7 @@ class Pipeline:
         self.store = store if store is not None else open_store(settings, write=True, command="run")
         self.matcher = RecordingMatcher(loaded.rules, loaded.exclusions)
         verifier = TrustVerifier(load_roots(settings.trusted_roots)) if settings.verify else None
-        self.scanner = Scanner(
-            self.store,
-            loaded.device,
-            self.matcher,
-            verifier,
-            max_file_size=settings.max_file_size,
-            file_time_budget=settings.file_time_budget,
-            reobserve_interval=settings.reobserve_interval,
-            caps=settings.extract_caps,
-        )
+        self.scanner = scanner_for(settings, self.store, loaded.device, self.matcher, verifier)
         self.on_finding: Callable[[Finding], None] = lambda f: None
 
     @property

@@ -163,7 +163,7 @@ def run_sweep(
     from agent.extract.authenticode import TrustVerifier, load_roots
     from agent.hunt import run_hunt
     from agent.rows import Device
-    from agent.scanner import Matcher, Scanner, ScanStats
+    from agent.scanner import Matcher, ScanStats, scanner_for
     from agent.sources.walk import iter_files
     from agent.store import Store
 
@@ -206,16 +206,13 @@ def run_sweep(
     with tempfile.TemporaryDirectory(prefix="rmmhunt-sweep-") as tmp:
         with Store(Path(tmp) / "sweep.sqlite3") as store:
             store.raise_report_ids(device.device_id, report_id_base(started))
-            scanner = Scanner(
+            scanner = scanner_for(
+                settings,
                 store,
                 device,
                 Matcher(rules, exclusions),
                 verifier,
-                max_file_size=settings.max_file_size,
-                file_time_budget=settings.file_time_budget,
-                reobserve_interval=settings.reobserve_interval,
                 source="sweep",
-                caps=settings.extract_caps,
                 examine=image.examine if image is not None else None,
             )
             if image is not None:
