@@ -10,6 +10,18 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 TEST_ROOT_CA = FIXTURES / "pki" / "root-ca.pem"
 REFERENCE = ROOT.parent / "shared" / "reference"
+# Debian's headless Chromium for every browser test (Playwright with executable_path), with the
+# flags that keep it off this machine's closed network.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def manifest() -> list[dict]:

@@ -20,18 +20,9 @@ from collector.storage import Collector
 from tests.collector.conftest import free_port
 from tests.collector.fleetdata import device_id, make_row
 from tests.collector.live import API_TOKEN, ENROLL_SECRET, LiveCollector
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 HOSTILE = "MMSoft Design Ltd. <img src=x onerror=\"window.__xss='img'\"><script>window.__xss='script'</script>"
 
 

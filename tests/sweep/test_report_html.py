@@ -13,18 +13,8 @@ from agent.sweep.contents import build_manifest, build_members
 from agent.sweep.driver import run_sweep
 from agent.sweep.records import file_records, result_records, tool_summary
 from agent.sweep.report import render_report
-from tests.conftest import FIXTURES
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, FIXTURES
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 HOSTILE = '<img src=x onerror="document.title=1">"><svg onload="document.title=2"><script>x=1<\\script>.exe'
 
 
