@@ -280,8 +280,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from agent.cli import _write
     from agent.output import check_out, format_for, render
 
-    fmt = format_for(args.out, args.format)  # --format, else --out's extension, else the table
-    check_out(args.out)
+    if args.devices_command != "revoke":  # list: --format, else --out's extension, else the table
+        fmt = format_for(args.out, args.format)
+        check_out(args.out)
     collector = _open(args)
     try:
         if args.devices_command == "revoke":
