@@ -431,7 +431,7 @@ def summary_text(stats: Mapping[str, Any], results: int) -> str:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from agent import platform
-    from agent.extract.authenticode import TrustVerifier, load_roots
+    from agent.extract.verifier import LazyVerifier
     from agent.scanner import Matcher, scanner_for
     from agent.views.records import error_record, findings_of, incomplete_reasons, tally
     from agent.views.table import make_console, scan_summary_lines
@@ -454,7 +454,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         roots, skip = platform.default_roots()
         mounts = [point for point, _fstype in platform.linux_mounts()] if not platform.IS_WINDOWS else []
         platform.lower_priority()
-    verifier = TrustVerifier(load_roots(settings.trusted_roots)) if settings.verify else None
+    # built with the first PE/MSI: a scan that meets none never imports signify (start-up, issue 12)
+    verifier = LazyVerifier(settings.trusted_roots) if settings.verify else None
     progress = None
     if not args.quiet and not args.no_progress and sys.stderr.isatty():
         from agent.views.progress import ScanProgress, estimate_file_count

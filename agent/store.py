@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
 from agent.textenc import from_db, to_db
 
-if TYPE_CHECKING:  # imported lazily: the CLI imports StoreError without loading signify
-    from agent.extract.authenticode import FileFacts
+if TYPE_CHECKING:  # imported lazily: the CLI imports StoreError without loading the extractor
+    from agent.extract.facts import FileFacts
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +343,7 @@ def _decode(value: Any) -> Any:
 
 
 def facts_from_json(text: str) -> FileFacts:
-    from agent.extract.authenticode import FileFacts, SignatureFacts
-    from agent.extract.certinfo import CertIdentity
-    from agent.extract.versioninfo import VersionInfo
+    from agent.extract.facts import CertIdentity, FileFacts, SignatureFacts, VersionInfo  # not signify
 
     raw = json.loads(text)
     sigs = []
