@@ -221,18 +221,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         _global_options(p, suppress=True)
         return p
 
-    if only is None:
-        _add_scan_commands(sub, add, None)
-        for module in MODULE_COMMANDS:
-            _add_module_commands(module, sub)
-        return parser
-    if only in SCAN_COMMANDS:
-        _add_scan_commands(sub, add, only)
-    else:
-        _add_module_commands(MODULE_OF_COMMAND[only], sub)
-    for name in (*SCAN_COMMANDS, *MODULE_OF_COMMAND):
-        if name not in sub.choices:
+    for name in SCAN_COMMANDS:
+        if only in (None, name):
+            _add_scan_commands(sub, add, name)
+        else:
             sub.add_parser(name, add_help=False)  # never parsed: argv names another command
+    for module, names in MODULE_COMMANDS.items():
+        if only is None or only in names:
+            _add_module_commands(module, sub)
+        else:
+            for name in names:
+                sub.add_parser(name, add_help=False)
     return parser
 
 
