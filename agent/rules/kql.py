@@ -109,11 +109,11 @@ class Query:
         self.anchors = anchor_terms(parsed, _BASE_COLUMNS)  # see agent.rules.index
         self._compile()  # a new query is compiled at once: what cannot compile fails here
 
-    def _derive(self, parsed: ParsedQuery) -> None:
+    def _derive(self, parsed: ParsedQuery, string_patterns: tuple[tuple[str, str, str], ...] | None = None) -> None:
         self._parsed = parsed
         self.text = parsed.text
         self.columns_used = parsed.columns_used
-        self.string_patterns = _string_patterns(parsed)
+        self.string_patterns = _string_patterns(parsed) if string_patterns is None else string_patterns
         self.output_columns = tuple(name for name, _ in parsed.output_columns)
         self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
         self.row_level = _row_level(parsed)
@@ -130,9 +130,9 @@ class Query:
         return f"Query({self.text!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # The parse and its anchors; the compiled closures are rebuilt on first use, so a run that
-        # loads cached rules and evaluates no row never compiles them (start-up, issue 12).
-        return (_unpickle_query, (self._parsed, self.anchors))
+        # The parse, its anchors and patterns; the compiled closures are rebuilt on first use, so a
+        # run that loads cached rules and evaluates no row never compiles them (start-up, issue 12).
+        return (_unpickle_query, (self._parsed, self.anchors, self.string_patterns))
 
     def __eq__(self, other: object) -> bool:  # the same text is the same query
         return isinstance(other, Query) and other.text == self.text
@@ -171,9 +171,11 @@ class Query:
         return run_stages(self._stages, rows, env)
 
 
-def _unpickle_query(parsed: ParsedQuery, anchors: Anchors | None) -> Query:
+def _unpickle_query(
+    parsed: ParsedQuery, anchors: Anchors | None, string_patterns: tuple[tuple[str, str, str], ...]
+) -> Query:
     query = Query.__new__(Query)
-    query._derive(parsed)
+    query._derive(parsed, string_patterns)
     query.anchors = anchors
     return query
 
