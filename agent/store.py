@@ -398,17 +398,23 @@ def _row_values(row: Mapping[str, Any]) -> list[Any]:
     return [None if (v := get(name)) is None else convert(v) for name, convert in _ROW_TO_SQL]
 
 
-def _from_sql(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    kind = COLUMN_TYPES[name]
-    if kind == "datetime":
-        return dt.datetime.fromisoformat(value)
-    if kind == "bool":
-        return bool(value)
-    if isinstance(value, bytes):
-        return from_db(value)
-    return value
+_FROM_SQL: dict[str, Callable[[Any], Any]] = {"datetime": dt.datetime.fromisoformat, "bool": bool}
+# perf (hunt, issue 12): the row built by dict(zip()) at C speed, then only the columns that need
+# it converted; any other column may hold the raw bytes of a path with undecodable bytes (textenc)
+_CONVERTED_COLUMNS = tuple((n, _FROM_SQL[COLUMN_TYPES[n]]) for n in COLUMN_NAMES if COLUMN_TYPES[n] in _FROM_SQL)
+_PLAIN_COLUMNS = tuple(n for n in COLUMN_NAMES if COLUMN_TYPES[n] not in _FROM_SQL)
+
+
+def _row_from_sql(values: Sequence[Any]) -> dict[str, Any]:
+    row = dict(zip(COLUMN_NAMES, values, strict=True))
+    for name, convert in _CONVERTED_COLUMNS:
+        value = row[name]
+        if value is not None:
+            row[name] = convert(value)
+    for name in _PLAIN_COLUMNS:
+        if row[name].__class__ is bytes:
+            row[name] = from_db(row[name])
+    return row
 
 
 def _schema_version(db: _Connection, path: Path) -> int | None:
@@ -633,7 +639,7 @@ class Store:
         cols = ", ".join(f'"{c}"' for c in COLUMN_NAMES)
         sql = f'SELECT {cols} FROM cert_rows {("WHERE " + where) if where else ""} ORDER BY "DeviceId", "ReportId"'
         for values in self.db.execute(sql, tuple(params)):
-            yield {c: _from_sql(c, v) for c, v in zip(COLUMN_NAMES, values, strict=True)}
+            yield _row_from_sql(values)
 
     # --- hits
     def insert_hits(self, hits: Iterable[tuple[str, int, str, str, list[dict[str, Any]], str | None]]) -> None:
