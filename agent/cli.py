@@ -384,9 +384,10 @@ def _draw_results(
     """The table: the findings (or the published columns with --view summary), then with --rows the
     rows behind each result. Drawn from the raw rows: the table escapes each value once itself."""
     from agent.views.records import SUMMARY_VIEW_COLUMNS, trust_verdict
-    from agent.views.table import print_findings, print_records, print_row_records
 
     def draw(console: Any) -> None:
+        from agent.views.table import print_findings, print_records, print_row_records  # rich: only to draw
+
         if view == "summary":
             print_records(records, SUMMARY_VIEW_COLUMNS, console)
         else:
@@ -639,7 +640,6 @@ def cmd_hunt(args: argparse.Namespace) -> int:
 
 def cmd_rows(args: argparse.Namespace) -> int:
     from agent.views.records import ROW_KEYS, row_record, trust_verdict
-    from agent.views.table import print_row_records
 
     fmt = format_for(args.out, args.format)
     check_out(args.out)
@@ -649,6 +649,8 @@ def cmd_rows(args: argparse.Namespace) -> int:
     records = [row_record(r) for r in rows]
 
     def draw(console: Any) -> None:
+        from agent.views.table import print_row_records  # rich: only to draw
+
         shown = [{**raw, "Trust": trust_verdict(raw)} for raw in rows]
         print_row_records(shown, ("ReportId", "Timestamp", "Signer", "Trust"), console)
 
@@ -686,7 +688,6 @@ def cmd_rules(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.rules_command == "list":
         from agent.views.records import RULE_KEYS, rule_record
-        from agent.views.table import print_records
 
         fmt = format_for(args.out, args.format)
         check_out(args.out)
@@ -701,6 +702,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
         errors = [{"Path": p.path, "Line": p.line, "Column": p.column, "Message": p.message} for p in problems]
 
         def draw(console: Any) -> None:
+            from agent.views.table import print_records  # rich: only to draw
+
             print_records(records, ("RuleId", "Tool", "Source", "Techniques", "Patterns"), console)
 
         _emit(fmt, args.out, summary=summary, results=records, errors=errors, keys=RULE_KEYS, table=draw)

@@ -75,6 +75,14 @@ def test_scan_of_an_empty_folder_imports_no_extractor_and_no_other_command(tmp_p
     assert "agent.extract.authenticode" not in modules
 
 
+@pytest.mark.parametrize("command", [["hunt", "--format", "json"], ["rows", "--format", "csv"]])
+def test_other_commands_import_no_extractor_and_no_rich_for_a_machine_format(tmp_path, command):
+    env = {"RMMHUNT_CACHE_DIR": str(tmp_path / "cache")}
+    code, modules, _out = run_probe("--state-dir", str(tmp_path / "state"), *command, env_extra=env)
+    assert code == 0
+    assert not top_level(modules) & (EXTRACTOR | OTHER_COMMANDS | {"rich"}), sorted(top_level(modules))
+
+
 def test_scan_of_a_signed_file_imports_the_extractor_and_verifies_with_the_configured_root(tmp_path):
     """The lazy path: the first PE builds the verifier, with the extra root from the config."""
     tree = tmp_path / "tree"
