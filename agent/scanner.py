@@ -13,6 +13,7 @@ content change at the same path is not told apart.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -212,14 +213,23 @@ def _may_be_signed(head: bytes, size: int) -> bool:
     return pe is not None and pe.cert_table_size > 0
 
 
-def _read_rest(fd: int, head: bytes, deadline: float | None) -> bytes | None:
-    """The whole file from its first bytes already read; None when the time budget ran out."""
+class _Grew(Exception):
+    """The file grew past the size read whole while it was read."""
+
+
+def _read_rest(fd: int, head: bytes, deadline: float | None, limit: int) -> bytes | None:
+    """The whole file from its first bytes already read; None when the time budget ran out.
+    Raises ``_Grew`` past ``limit`` bytes (a file being written to)."""
     parts = [head]
+    total = len(head)
     while True:
         chunk = os.read(fd, _READ_CHUNK)
         if not chunk:
             return b"".join(parts)
         parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise _Grew
         if deadline is not None and time.monotonic() > deadline:
             return None
 
@@ -238,7 +248,7 @@ def _examine_content(
     """A candidate read whole and looked up by content; a miss is parsed from memory."""
     start = time.monotonic()
     deadline = start + time_budget if time_budget else None
-    data = _read_rest(fd, head, deadline)
+    data = _read_rest(fd, head, deadline, content.max_file_size)
     if data is None:
         guess = "PE" if kind == "MZ" else "MSI"
         return FileFacts("TIMEOUT", guess, size, detail="time budget exceeded while reading the file")
@@ -299,13 +309,15 @@ def examine_path(
             return "NOT_PE", None, "", ident
         if size > max_file_size:
             return "TOO_LARGE", None, f"{size} bytes > cap {max_file_size}", ident
+        facts = None
         if content is not None and size <= content.max_file_size and _may_be_signed(head, size):
-            facts = _examine_content(
-                fd, head, size, kind, content, verifier=verifier, time_budget=time_budget, caps=caps
-            )
-        elif len(head) == size:  # the first read holds the whole file: parse it from memory
+            with contextlib.suppress(_Grew):  # being written to: read as a stream below, like a large file
+                facts = _examine_content(
+                    fd, head, size, kind, content, verifier=verifier, time_budget=time_budget, caps=caps
+                )
+        if facts is None and len(head) == size:  # the first read holds the whole file: parse it from memory
             facts = extract_stream(io.BytesIO(head), size, verifier=verifier, time_budget=time_budget, **(caps or {}))
-        else:
+        elif facts is None:
             os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
                 fd = -1

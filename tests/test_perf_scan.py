@@ -204,3 +204,27 @@ def test_rescan_never_reparses_an_unchanged_file_and_always_a_changed_one(tmp_pa
         (tree / "c" / "tool.exe").write_bytes(b"MZ" * 100)  # a signed file replaced: changed, gone
         stats = _scanner(store).scan([str(tree)])
         assert stats.parsed == 1 and {p for p, _s, _w in stats.gone} == {str(tree / "c" / "tool.exe")}
+
+
+def test_content_cache_respects_the_time_budget_and_never_keeps_a_timeout(tmp_path):
+    from agent.scanner import ContentCache, examine_path
+
+    content = ContentCache()
+    status, facts, _detail, _ident = examine_path(
+        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=1e-9, content=content
+    )
+    assert status == "TIMEOUT" and facts is not None and facts.kind == "PE"
+    assert len(content) == 0
+    first = examine_path(
+        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=content
+    )
+    again = examine_path(
+        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=content
+    )
+    assert first[0] == again[0] == "OK" and again[1] is first[1] and content.hits == 1
+    small = ContentCache(max_file_size=1000)  # larger files are read as a stream, never cached
+    assert (
+        examine_path(str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=small)[0]
+        == "OK"
+    )
+    assert len(small) == 0
