@@ -13,19 +13,23 @@ content change at the same path is not told apart.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
+import io
 import json
 import logging
 import os
+import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import filecache
 from agent.extract.facts import FileFacts
-from agent.extract.sniff import HEADER_BYTES, classify
+from agent.extract.sniff import HEADER_BYTES, classify, read_pe_header
 from agent.extract.verifier import AnyVerifier, resolve_verifier
 from agent.platform import SpecialFile, open_regular
 from agent.rows import Device, ProcessContext, build_rows
@@ -38,6 +42,7 @@ from agent.store import CacheEntry, Store, StoreError, facts_from_json, facts_to
 from agent.textenc import encodable, escape_path
 
 if TYPE_CHECKING:
+    from agent.extract.authenticode import TrustVerifier
     from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,7 @@ class ScanStats:
     parsed: int = 0  # files opened and parsed in this scan
     unchanged: int = 0  # files recognised from the cache and not opened
     bytes_read_files: int = 0
+    content_hits: int = 0  # candidates whose facts came from an identical file earlier in this scan
     statuses: Counter[str] = field(default_factory=Counter)
     walk: WalkCounters = field(default_factory=WalkCounters)
     errors: list[dict[str, str]] = field(default_factory=list)  # per-file problems, capped
@@ -141,6 +147,128 @@ def evidence_dict(e: Any) -> dict[str, Any]:
     return {"column": e.column, "value": value, "operator": e.operator, "pattern": e.pattern}
 
 
+# perf: the first read takes one page, not just the magic: it holds the PE headers (so an unsigned
+# PE is told from a signed one without another read) and, for a small file, the whole content.
+PROBE_BYTES = 4096
+_READ_CHUNK = 1 << 20
+
+
+class ContentCache:
+    """Signer facts of this scan's files by content: (size, SHA-256 of the whole file) -> FileFacts.
+
+    Real trees hold many byte-identical signed files (WinSxS, copies of one application, node_modules,
+    per-user caches); parsing and verifying one costs milliseconds, hashing it from the page cache
+    microseconds. A hit re-uses the facts, which hold nothing about the path (rows take the path from
+    the walk). Bounded in entries and in bytes (the facts' JSON size); least recently used go first.
+    Only outcomes that are a function of the bytes are kept: OK, NOT_SIGNED, NOT_PE, never TIMEOUT
+    or an error. One cache per scan, so the verifier and the caps are the same for every entry."""
+
+    CACHEABLE = frozenset({"OK", "NOT_SIGNED", "NOT_PE"})
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 32 << 20, max_file_size: int = 16 << 20) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_file_size = max_file_size  # files up to this size are read whole (memory per file)
+        self._entries: OrderedDict[tuple[int, bytes], tuple[FileFacts, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[int, bytes]) -> FileFacts | None:
+        found = self._entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return found[0]
+
+    def put(self, key: tuple[int, bytes], facts: FileFacts) -> None:
+        if facts.status not in self.CACHEABLE or key in self._entries:
+            return
+        cost = 256 + (len(facts_to_json(facts)) if facts.signatures else 0)
+        if cost > self.max_bytes:
+            return
+        self._entries[key] = (facts, cost)
+        self.bytes += cost
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            _key, (_facts, old) = self._entries.popitem(last=False)
+            self.bytes -= old
+
+
+def _may_be_signed(head: bytes, size: int) -> bool:
+    """False when the PE headers within ``head`` show no certificate table (or no PE at all), so
+    there is nothing to hash or verify; True when they show one or cannot be read from ``head``
+    (then the parser decides)."""
+    if head[:2] != b"MZ":
+        return True  # OLE: is_msi needs the whole compound file
+    (pe_offset,) = struct.unpack_from("<I", head, 0x3C)
+    if pe_offset + 24 + 240 > len(head):
+        return True
+    try:
+        pe = read_pe_header(io.BytesIO(head), size, head[:HEADER_BYTES])
+    except Exception:  # malformed: the parser reports it
+        return True
+    return pe is not None and pe.cert_table_size > 0
+
+
+class _Grew(Exception):
+    """The file grew past the size read whole while it was read."""
+
+
+def _read_rest(fd: int, head: bytes, deadline: float | None, limit: int) -> bytes | None:
+    """The whole file from its first bytes already read; None when the time budget ran out.
+    Raises ``_Grew`` past ``limit`` bytes (a file being written to)."""
+    parts = [head]
+    total = len(head)
+    while True:
+        chunk = os.read(fd, _READ_CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise _Grew
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+
+
+def _examine_content(
+    fd: int,
+    head: bytes,
+    size: int,
+    kind: str,
+    content: ContentCache,
+    *,
+    verifier: TrustVerifier | None,
+    time_budget: float,
+    caps: Mapping[str, int] | None,
+) -> FileFacts:
+    """A candidate read whole and looked up by content; a miss is parsed from memory."""
+    from agent.extract.authenticode import extract_stream
+
+    start = time.monotonic()
+    deadline = start + time_budget if time_budget else None
+    data = _read_rest(fd, head, deadline, content.max_file_size)
+    if data is None:
+        guess = "PE" if kind == "MZ" else "MSI"
+        return FileFacts("TIMEOUT", guess, size, detail="time budget exceeded while reading the file")
+    key = (len(data), hashlib.sha256(data).digest())
+    facts = content.get(key)
+    if facts is not None:
+        return facts
+    budget = time_budget - (time.monotonic() - start) if time_budget else time_budget
+    if time_budget and budget <= 0:
+        guess = "PE" if kind == "MZ" else "MSI"
+        return FileFacts("TIMEOUT", guess, len(data), detail="time budget exceeded while reading the file")
+    facts = extract_stream(io.BytesIO(data), len(data), verifier=verifier, time_budget=budget, **(caps or {}))
+    content.put(key, facts)
+    return facts
+
+
 def examine_path(
     path: str,
     ident: tuple[int, int, int, int],
@@ -152,6 +280,7 @@ def examine_path(
     name: str | None = None,
     follow_symlinks: bool = False,
     caps: Mapping[str, int] | None = None,
+    content: ContentCache | None = None,
 ) -> tuple[str, FileFacts | None, str, tuple[int, int, int, int]]:
     """(status, facts or None, detail, (st_dev, st_ino, size, mtime_ns)) for one path.
 
@@ -159,7 +288,10 @@ def examine_path(
     With ``dir_fd`` the file is opened as ``name`` relative to that directory (the walk's way,
     which works past PATH_MAX); ``path`` is then only its name for people. Never raises for the
     file's sake: a symlink loop is NOT_PE "symlink loop: not read", a dangling symlink is
-    VANISHED "dangling symlink", a symlink not followed is NOT_PE "symlink (not followed): not read"."""
+    VANISHED "dangling symlink", a symlink not followed is NOT_PE "symlink (not followed): not read".
+
+    With ``content`` (a scan's ``ContentCache``), a candidate that may be signed and is at most
+    ``content.max_file_size`` bytes is read whole and its facts looked up by content first."""
     try:
         if dir_fd is not None and dir_fd >= 0:
             fd, st = open_regular(name or os.path.basename(path), dir_fd=dir_fd, follow_symlinks=follow_symlinks)
@@ -170,21 +302,33 @@ def examine_path(
     except OSError as exc:
         status, detail = status_of(exc)
         return status, None, detail, ident
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    size = st.st_size
+    ident = (st.st_dev, st.st_ino, size, st.st_mtime_ns)
     try:
         # Most files are not PE: decide from the first bytes before building a file object.
         # The size cap applies to PE/MSI candidates; a huge archive is simply NOT_PE.
-        if classify(os.read(fd, HEADER_BYTES)) is None:
+        head = os.read(fd, PROBE_BYTES)
+        kind = classify(head[:HEADER_BYTES])
+        if kind is None:
             return "NOT_PE", None, "", ident
-        if st.st_size > max_file_size:
-            return "TOO_LARGE", None, f"{st.st_size} bytes > cap {max_file_size}", ident
-        os.lseek(fd, 0, os.SEEK_SET)
+        if size > max_file_size:
+            return "TOO_LARGE", None, f"{size} bytes > cap {max_file_size}", ident
         from agent.extract.authenticode import extract_stream  # start-up: signify only once a PE/MSI is met
 
-        with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
-            fd = -1
-            verifying = resolve_verifier(verifier)
-            facts = extract_stream(stream, st.st_size, verifier=verifying, time_budget=time_budget, **(caps or {}))
+        verifying = resolve_verifier(verifier)
+        facts = None
+        if content is not None and size <= content.max_file_size and _may_be_signed(head, size):
+            with contextlib.suppress(_Grew):  # being written to: read as a stream below, like a large file
+                facts = _examine_content(
+                    fd, head, size, kind, content, verifier=verifying, time_budget=time_budget, caps=caps
+                )
+        if facts is None and len(head) == size:  # the first read holds the whole file: parse it from memory
+            facts = extract_stream(io.BytesIO(head), size, verifier=verifying, time_budget=time_budget, **(caps or {}))
+        elif facts is None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
+                fd = -1
+                facts = extract_stream(stream, size, verifier=verifying, time_budget=time_budget, **(caps or {}))
         return facts.status, facts, facts.detail, ident
     except FileNotFoundError as exc:
         return "VANISHED", None, str(exc), ident
@@ -259,6 +403,11 @@ class Scanner:
         self._previous: dict[str, str] = {}  # path -> SHA256 of the signed file cached before this scan
         self._missing: set[str] = set()  # of those, the paths the walk has not reached
         self._returned: set[tuple[str, str]] = set()
+        self._content: ContentCache | None = None  # during a scan: facts by content (perf)
+        # perf (re-scan): batch records to write / drop at the next flush (agent.filecache.batch_digest)
+        self._pending_dirs: list[tuple[str, bytes, str]] = []
+        self._dropped_dirs: list[str] = []
+        self._batch_entries: dict[str, CacheEntry] | None = None  # cache entries written for the current batch
 
     @property
     def cache(self) -> dict[str, CacheEntry]:
@@ -297,6 +446,7 @@ class Scanner:
             name=item.name or None,
             follow_symlinks=item.follow,
             caps=self.caps,
+            content=self._content,
         )
 
     def observe(
@@ -392,6 +542,8 @@ class Scanner:
 
     def _remember(self, path: str, entry: CacheEntry) -> None:
         self._pending_by_path[path] = entry
+        if self._batch_entries is not None:
+            self._batch_entries[path] = entry
         if self._cache is not None:
             self._cache[path] = entry
         self._pending_cache.append((path, entry))
@@ -449,6 +601,7 @@ class Scanner:
         dir_errors: list[tuple[str, str]] = []
         self._pending_cache = []
         self._returned = set()
+        content = self._content = ContentCache()
         # Signed files already known under the roots: the only ones that can be "gone".
         scanned = [os.path.abspath(r) for r in roots]
         signed = (
@@ -463,6 +616,7 @@ class Scanner:
         self._last_commit = time.monotonic()
         completed = False
         n = 0
+        ordinal, last_dir = 0, ""
         pool = prefetch.Prefetcher(self.prefetch_threads) if self.prefetch_threads > 0 else None
         try:
             for batch in iter_batches(
@@ -474,16 +628,38 @@ class Scanner:
                 stat_many=pool.map_ordered if pool is not None else None,
                 warm_dirs=pool.warm_dirs if pool is not None else None,
             ):
+                # perf: a batch recorded as all NOT_PE/NOT_SIGNED whose walked identities are unchanged
+                # is counted from its record: no cache SELECT, no per-file work
+                directory = os.path.dirname(batch[0].path)
+                ordinal = ordinal + 1 if directory == last_dir else 0
+                last_dir = directory
+                key = filecache.batch_key(directory, ordinal) if self.examine_hook is None else ""
+                record, digest = None, b""
+                if key:
+                    digest = filecache.batch_digest(batch)
+                    record = filecache.lookup_dir(self.store.db, self.device.device_id, key)
+                    if record is not None and record[0] == digest and self._replay(batch, record[1], stats, progress):
+                        n += len(batch)
+                        continue
                 # perf: the pool warms the batch's files while this thread works through them;
                 # one cache SELECT and one clock read per batch (one directory's files)
                 cached = self._lookup([item.path for item in batch if not item.status])
                 warming = []
                 if pool is not None:  # only files that will be opened: not the unchanged ones
                     warming = pool.warm_batch([item for item in batch if not _unchanged(cached.get(item.path), item)])
+                entries: dict[str, CacheEntry] = {}
+                self._batch_entries = entries
                 try:
                     self._scan_batch(batch, cached, stats, n, progress)
                 finally:
+                    self._batch_entries = None
                     prefetch.Prefetcher.wait(warming)  # done before the walk moves on (dir_fd)
+                if key:
+                    summary = _batch_summary(batch, cached, entries)
+                    if summary is not None:
+                        self._pending_dirs.append((key, digest, summary))
+                    elif record is not None:
+                        self._dropped_dirs.append(key)
                 n += len(batch)
             completed = True
         finally:
@@ -494,6 +670,8 @@ class Scanner:
             self.flush()
             self._outcomes, self._previous, self._missing = None, {}, set()
             self._pending_by_path = {}
+            stats.content_hits = content.hits
+            self._content = None
             stats.elapsed = time.time() - stats.started
         for path, message in dir_errors:
             stats.errors_total += 1
@@ -528,6 +706,45 @@ class Scanner:
                 self._last_commit = time.monotonic()
             if progress is not None:
                 progress(stats, item.path)
+
+    def _replay(
+        self, batch: list[WalkItem], summary: str, stats: ScanStats, progress: Callable[[ScanStats, str], None] | None
+    ) -> bool:
+        """Count a batch from its record (see ``_batch_summary``): what the per-file path records for
+        unchanged files that are not signed; its signed files (unchanged too: the digest covers them)
+        take the per-file path from their cache entries (re-emitted when due, "current" for gone
+        detection). False, with nothing counted, when a file that was not signed held a signed one
+        before this scan, or a signed one's cache entry is not there any more."""
+        unchanged, count, counts, signed_at = json.loads(summary)
+        if count != len(batch):
+            return False
+        signed = [batch[i] for i in signed_at]
+        cached = self._lookup([item.path for item in signed]) if signed else {}
+        if any(not _unchanged(cached.get(item.path), item) for item in signed):
+            return False
+        if self._outcomes and not self._outcomes.keys() & {item.path for item in batch} <= {i.path for i in signed}:
+            return False
+        stats.files += count - len(signed)
+        stats.unchanged += unchanged
+        for status, kind, k in counts:
+            stats.statuses[status] += k
+            if kind == "PE":
+                stats.pe_files += k
+            elif kind == "MSI":
+                stats.msi_files += k
+        if signed:
+            now = self.clock()
+            for item in signed:
+                self._missing.discard(item.path)
+                self._observe(item, stats, cached[item.path], now)
+        if progress is not None:
+            for item in batch:
+                progress(stats, item.path)
+        if time.monotonic() - self._last_commit >= COMMIT_EVERY_SECONDS:
+            self.flush()
+            self.store.begin()
+            self._last_commit = time.monotonic()
+        return True
 
     def _record_gone(self, stats: ScanStats) -> None:
         """Signed files known under the scanned roots that are gone now, or hold other content:
@@ -564,8 +781,45 @@ class Scanner:
         if self._pending_cache:
             self.store.put_cache(self.device.device_id, self._pending_cache)
             self._pending_cache = []
+        if self._dropped_dirs:
+            self.store.drop_dirs(self.device.device_id, self._dropped_dirs)
+            self._dropped_dirs = []
+        if self._pending_dirs:
+            self.store.put_dirs(self.device.device_id, self._pending_dirs)
+            self._pending_dirs = []
         self._pending_by_path = {}
         self.store.commit()
+
+
+_RECORDABLE = ("NOT_PE", "NOT_SIGNED")
+
+
+def _batch_summary(batch: list[WalkItem], cached: dict[str, CacheEntry], entries: dict[str, CacheEntry]) -> str | None:
+    """What a re-scan of this batch records when nothing in it changed, as JSON
+    [unchanged, files, [[status, kind, count], ...], [index of each signed file]]; None unless every
+    item ended NOT_PE or NOT_SIGNED, or OK with signer facts, with a cache entry for the walked
+    identity (no error, nothing to try again). Signed files are only listed: a re-scan reads their
+    cache entries (rows re-emitted when due)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    unchanged = 0
+    signed: list[int] = []
+    for index, item in enumerate(batch):
+        if item.status:
+            if item.status != "NOT_PE":
+                return None
+            counts[(item.status, "")] += 1
+            continue
+        entry = entries.get(item.path) or cached.get(item.path)
+        if entry is None or not _unchanged(entry, item):
+            return None
+        if entry.facts is not None and entry.status == "OK":
+            signed.append(index)
+            continue
+        if entry.facts is not None or entry.status not in _RECORDABLE:
+            return None
+        counts[(entry.status, entry.kind)] += 1
+        unchanged += 1
+    return json.dumps([unchanged, len(batch), [[s, k, c] for (s, k), c in counts.items()], signed])
 
 
 def _unchanged(cached: CacheEntry | None, item: WalkItem) -> bool:

@@ -94,6 +94,11 @@ def _ddl() -> list[str]:
   device_id TEXT NOT NULL, path TEXT NOT NULL, st_dev INTEGER NOT NULL, st_ino INTEGER NOT NULL,
   size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, status TEXT NOT NULL, kind TEXT NOT NULL, facts TEXT,
   last_emitted TEXT, PRIMARY KEY (device_id, path))""",
+        # perf (re-scan): one row per walked batch whose files all ended NOT_PE, NOT_SIGNED or OK: a digest
+        # of their names and identities and what a re-scan records for them (agent.filecache.batch_digest)
+        """CREATE TABLE IF NOT EXISTS dir_cache (
+  device_id TEXT NOT NULL, batch TEXT NOT NULL, digest BLOB NOT NULL, summary TEXT NOT NULL,
+  PRIMARY KEY (device_id, batch))""",
     ]
 
 
@@ -686,6 +691,18 @@ class Store:
                 )
                 for path, e in entries
             ],
+        )
+
+    def put_dirs(self, device_id: str, records: Iterable[tuple[str, bytes, str]]) -> None:
+        """(batch key, digest, summary) of walked batches a re-scan may count whole (agent.filecache)."""
+        self.db.executemany(
+            "INSERT OR REPLACE INTO dir_cache (device_id, batch, digest, summary) VALUES (?, ?, ?, ?)",
+            [(device_id, to_db(key), digest, summary) for key, digest, summary in records],
+        )
+
+    def drop_dirs(self, device_id: str, keys: Iterable[str]) -> None:
+        self.db.executemany(
+            "DELETE FROM dir_cache WHERE device_id=? AND batch=?", [(device_id, to_db(k)) for k in keys]
         )
 
     # --- file presence: which signed files are on disk now, and when one went

@@ -187,7 +187,8 @@ def bench_tree(count: int, work: Path, matcher: Matcher) -> None:
             "x",
             ratio <= 3,
             f"scan {first_wall:.2f}s ({count / first_wall:.0f} files/s), floor {floor_wall:.2f}s; "
-            f"signed={stats.signed_files} parsed={stats.parsed}",
+            f"signed={stats.signed_files} parsed={stats.parsed} "
+            f"content-cache hits={stats.content_hits}",
         )
     )
     ratio = rescan_wall / stat_wall

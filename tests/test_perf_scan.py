@@ -120,3 +120,111 @@ def test_prefetch_pool_keeps_order_and_every_status(tmp_path, monkeypatch):
     assert pooled == serial
     assert len(warmed) > 300  # the pool did the reading ahead
     assert serial[0]["OK"] >= 3 and serial[0]["NOT_PE"] > 300
+
+
+def _scanner(store, verifier=None):
+    return Scanner(
+        store,
+        Device("a" * 40, "host"),
+        Matcher([]),
+        verifier,
+        max_file_size=1 << 26,
+        file_time_budget=30,
+        reobserve_interval=0,
+    )
+
+
+def test_identical_signed_copies_are_parsed_once_and_rows_keep_their_own_paths(tmp_path):
+    from agent.extract.authenticode import TrustVerifier, load_roots
+
+    tree = tmp_path / "tree"
+    _tree(tree)
+    verifier = TrustVerifier(load_roots([FIXTURES / "pki" / "root-ca.pem"]))
+    with Store(tmp_path / "s.sqlite3") as store:
+        stats = _scanner(store, verifier).scan([str(tree)])
+        rows = list(store.iter_rows())
+    assert stats.signed_files == 3
+    assert stats.content_hits == 2  # three byte-identical copies: one parse and verification
+    assert sorted(r["FolderPath"] for r in rows) == sorted(str(tree / d / "tool.exe") for d in ("a", "a/b", "c"))
+    assert len({r["SHA256"] for r in rows}) == 1 and rows[0]["SHA256"]
+
+
+def test_content_cache_is_bounded_and_keeps_only_outcomes_of_the_bytes():
+    from agent.extract.authenticode import FileFacts
+    from agent.scanner import ContentCache
+
+    cache = ContentCache(max_entries=2, max_bytes=10_000)
+    for i in range(3):
+        cache.put((i, b"k"), FileFacts("NOT_PE", "", i))
+    assert len(cache) == 2 and cache.get((0, b"k")) is None and cache.get((2, b"k")) is not None
+    for status in ("TIMEOUT", "PARSE_ERROR", "ACCESS_DENIED"):
+        cache.put((9, status.encode()), FileFacts(status, "PE", 9))
+        assert cache.get((9, status.encode())) is None
+    small = ContentCache(max_entries=100, max_bytes=600)  # 256 bytes counted per entry at least
+    for i in range(5):
+        small.put((i, b""), FileFacts("NOT_SIGNED", "PE", i))
+    assert len(small) == 2 and small.bytes <= 600
+
+
+def test_rescan_never_reparses_an_unchanged_file_and_always_a_changed_one(tmp_path, monkeypatch):
+    from agent import filecache
+
+    asked: list[str] = []
+    real_lookup = filecache.lookup
+    monkeypatch.setattr(filecache, "lookup", lambda db, dev, paths: asked.extend(paths) or real_lookup(db, dev, paths))
+    tree = tmp_path / "tree"
+    _tree(tree, files_in_big_dir=40)
+    with Store(tmp_path / "s.sqlite3") as store:
+        first = _scanner(store).scan([str(tree)])
+        assert first.parsed == first.files == 46
+        asked.clear()
+        again = _scanner(store).scan([str(tree)])
+        assert (again.parsed, again.unchanged, again.signed_files, again.rows) == (0, 46, 3, 3)
+        assert sorted(asked) == sorted(p for p, _s in first.current)  # per-file lookups: the signed files only
+        assert dict(again.statuses) == dict(first.statuses) and again.current == first.current
+        big = tree / "big"
+        changes = [
+            lambda: os.utime(big / "f0001.txt", ns=(1, 1)),  # mtime
+            lambda: (big / "f0002.txt").write_bytes(b"longer than before"),  # size
+            lambda: ((big / "new").write_bytes(b"x"), os.replace(big / "new", big / "f0003.txt")),  # inode
+            lambda: (big / "f9999.txt").write_bytes(b"MZ" + b"\0" * 100),  # a new file
+        ]
+        for change in changes:
+            change()
+            stats = _scanner(store).scan([str(tree)])
+            assert stats.parsed == 1, stats.as_dict()
+            assert stats.unchanged == stats.files - 1
+            assert _scanner(store).scan([str(tree)]).parsed == 0
+        os.unlink(big / "f0004.txt")  # a file removed: the others stay unchanged
+        stats = _scanner(store).scan([str(tree)])
+        assert (stats.parsed, stats.files) == (0, 46)
+        os.unlink(tree / "a" / "tool.exe")  # a signed file gone from a recorded batch
+        stats = _scanner(store).scan([str(tree)])
+        assert {p for p, _s, _w in stats.gone} == {str(tree / "a" / "tool.exe")}
+        (tree / "c" / "tool.exe").write_bytes(b"MZ" * 100)  # a signed file replaced: changed, gone
+        stats = _scanner(store).scan([str(tree)])
+        assert stats.parsed == 1 and {p for p, _s, _w in stats.gone} == {str(tree / "c" / "tool.exe")}
+
+
+def test_content_cache_respects_the_time_budget_and_never_keeps_a_timeout(tmp_path):
+    from agent.scanner import ContentCache, examine_path
+
+    content = ContentCache()
+    status, facts, _detail, _ident = examine_path(
+        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=1e-9, content=content
+    )
+    assert status == "TIMEOUT" and facts is not None and facts.kind == "PE"
+    assert len(content) == 0
+    first = examine_path(
+        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=content
+    )
+    again = examine_path(
+        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=content
+    )
+    assert first[0] == again[0] == "OK" and again[1] is first[1] and content.hits == 1
+    small = ContentCache(max_file_size=1000)  # larger files are read as a stream, never cached
+    assert (
+        examine_path(str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=small)[0]
+        == "OK"
+    )
+    assert len(small) == 0
