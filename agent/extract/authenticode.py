@@ -66,6 +66,7 @@ TIMEOUT = "TIMEOUT"  # verification status of a signature whose file ran out of 
 MALFORMED_CERTIFICATE = "MALFORMED_CERTIFICATE"  # a chain certificate breaks RFC 5280 4.1.1.2
 
 CHAIN_CACHE_ENTRIES = 512  # distinct (certificate, offered chain, usage, moment class) outcomes
+TRUSTED_UNTIL_ENTRIES = 4096  # roots seen anchoring a chain (the Microsoft bundle holds ~600)
 MAX_ERROR_TEXT = 2000  # characters of a verification error kept (names in it are attacker-chosen)
 
 
@@ -168,6 +169,7 @@ class _ChainOutcome:
     chain: tuple[bytes, ...] | None
     error_type: type[Exception] | None = None
     message: str = ""
+    trusted_until: dt.datetime | None = None  # the root's trust list date: from then on, check trust again
 
 
 class _CachedChainContext(VerificationContext):
@@ -179,7 +181,8 @@ class _CachedChainContext(VerificationContext):
     the moment, which offered certificates are within their validity period then; a cached
     good chain is re-used only if every certificate in it is valid at the new moment, and
     its trust (the root's trust list entry, whose rules depend on the moment) is checked
-    again on every hit. A failure of that trust step is never cached.
+    again on a hit at or after the one date of that entry that involves the moment
+    (DisallowedFiletime). A failure of that trust step is never cached.
     """
 
     def __init__(self, verifier: TrustVerifier, *stores: CertificateStore, **kwargs: Any) -> None:
@@ -232,7 +235,8 @@ class _CachedChainContext(VerificationContext):
             chain = verifier.resolve_chain(hit.chain or (), {f.sha256: c for f, c in facts})
             if chain is not None and all(memo.facts(c).valid_at(moment) for c in chain):
                 verifier.cache_hits += 1
-                self.verify_trust(chain)
+                if hit.trusted_until is not None and moment >= hit.trusted_until:
+                    self.verify_trust(chain)
                 return chain
         verifier.cache_misses += 1
         try:
@@ -241,7 +245,8 @@ class _CachedChainContext(VerificationContext):
             verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
             raise
         self.verify_trust(chain)  # may depend on the moment (trust list dates): not cached when it fails
-        verifier.remember(key, _ChainOutcome(tuple(memo.facts(c).sha256 for c in chain)), chain, offered)
+        digests = tuple(memo.facts(c).sha256 for c in chain)
+        verifier.remember(key, _ChainOutcome(digests, trusted_until=verifier.trusted_until(chain[0])), chain, offered)
         return chain
 
     def _validate(self, certificate: Certificate, offered: list[Certificate]) -> list[Certificate]:
@@ -326,6 +331,7 @@ class TrustVerifier:
         self.chain_cache: OrderedDict[tuple[Any, ...], _ChainOutcome] = OrderedDict()
         self.cache_entries = cache_entries
         self.anchors: dict[bytes, Certificate] = {}
+        self._trusted_until: dict[bytes, dt.datetime | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -344,6 +350,30 @@ class TrustVerifier:
         self.chain_cache.move_to_end(key)
         while len(self.chain_cache) > self.cache_entries:
             self.chain_cache.popitem(last=False)
+
+    def trusted_until(self, root: Certificate) -> dt.datetime | None:
+        """The earliest DisallowedFiletime the trust lists give ``root`` (the only input of
+        the trust step that involves the moment), ``None`` when there is none. Unreadable:
+        the oldest instant, so that trust is checked on every hit."""
+        digest = self.cert_memo.facts(root).sha256
+        if digest in self._trusted_until:
+            return self._trusted_until[digest]
+        dates = []
+        try:
+            for store in flatten_stores([self.store]):
+                ctl = store.ctl
+                if ctl is None or isinstance(ctl, dict) or root not in store:
+                    continue
+                subject = ctl.find_subject(root)
+                if subject is not None and subject.disallowed_filetime is not None:
+                    dates.append(subject.disallowed_filetime)
+            until = min(dates) if dates else None
+        except Exception:  # noqa: BLE001 - a trust list we cannot read is checked every time
+            log.debug("trust list entry unreadable", exc_info=True)
+            until = dt.datetime.min.replace(tzinfo=dt.UTC)
+        if len(self._trusted_until) < TRUSTED_UNTIL_ENTRIES:
+            self._trusted_until[digest] = until
+        return until
 
     def resolve_chain(self, digests: tuple[bytes, ...], offered: dict[bytes, Certificate]) -> list[Certificate] | None:
         chain = []
