@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 # Importing this module runs agent/extract/__init__.py first, which installs the oscrypto
 # fix; only then are the signify imports below executed.
 from certvalidator import CertificateValidator
+from certvalidator.registry import CertificateRegistry
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
 from signify.authenticode.signed_file.msi import (
     DIGITAL_SIGNATURE_ENTRY_NAME,
@@ -239,26 +240,40 @@ class _CachedChainContext(VerificationContext):
                     self.verify_trust(chain)
                 return chain
         verifier.cache_misses += 1
-        try:
-            chain = self._validate(certificate, offered)
-        except Exception as exc:
-            verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
-            raise
-        self.verify_trust(chain)  # may depend on the moment (trust list dates): not cached when it fails
+        chain = self._quick_chain(certificate, offered)
+        if chain is None:
+            try:
+                chain = self._validate(certificate, offered, verifier.roots.registry())
+            except Exception as exc:
+                verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
+                raise
+            self.verify_trust(chain)  # may depend on the moment (trust list dates): not cached when it fails
         digests = tuple(memo.facts(c).sha256 for c in chain)
         verifier.remember(key, _ChainOutcome(digests, trusted_until=verifier.trusted_until(chain[0])), chain, offered)
         return chain
 
-    def _validate(self, certificate: Certificate, offered: list[Certificate]) -> list[Certificate]:
-        """signify's VerificationContext.verify up to its trust step, on the verifier's
-        prebuilt root index instead of a registry rebuilt from the whole bundle."""
+    def _quick_chain(self, certificate: Certificate, offered: list[Certificate]) -> list[Certificate] | None:
+        """A trusted chain found with the quick registry (see RootIndex), else None: the
+        caller then decides on the full registry, failures included."""
+        try:
+            chain = self._validate(certificate, offered, self._verifier.roots.quick_registry([certificate, *offered]))
+            self.verify_trust(chain)
+        except Exception:  # noqa: BLE001 - decided again on the full registry
+            return None
+        return chain
+
+    def _validate(
+        self, certificate: Certificate, offered: list[Certificate], registry: CertificateRegistry
+    ) -> list[Certificate]:
+        """signify's VerificationContext.verify up to its trust step, on a registry from the
+        verifier's root index instead of one rebuilt from the whole bundle."""
         roots = self._verifier.roots
         to_check = certificate.asn1
         known: dict[Any, Certificate] = {to_check: certificate}
         for cert in offered:
             known.setdefault(cert.asn1, cert)
         context = SharedRootsValidationContext(
-            roots.registry(),
+            registry,
             moment=self.timestamp,
             weak_hash_algos=set() if self.allow_legacy else None,
             revocation_mode=self.revocation_mode,
