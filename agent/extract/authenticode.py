@@ -179,7 +179,7 @@ class _CachedChainContext(VerificationContext):
     The result of certvalidator depends on the certificate, the certificates on offer, the
     usage options and, through validity periods, the moment (it never checks the anchor's
     own validity). The cache key holds the first three exactly (SHA-256 of the DER) and, for
-    the moment, which offered certificates are within their validity period then; a cached
+    the moment, where it falls in each offered certificate's validity period; a cached
     good chain is re-used only if every certificate in it is valid at the new moment, and
     its trust (the root's trust list entry, whose rules depend on the moment) is checked
     again on a hit at or after the one date of that entry that involves the moment
@@ -218,8 +218,8 @@ class _CachedChainContext(VerificationContext):
         key = (
             leaf.sha256,
             hashlib.sha256(b"".join(f.sha256 for f, _c in facts)).digest(),
-            tuple(f.valid_at(moment) for f, _c in facts),
-            leaf.valid_at(moment),
+            tuple(f.period(moment) for f, _c in facts),
+            leaf.period(moment),
             tuple(sorted(self.extended_key_usages or ())),
             tuple(sorted(self.key_usages or ())),
             self.optional_eku,
