@@ -39,6 +39,7 @@ __all__ = ["ParseError", "RawSignature", "Signer", "parse_pkcs7", "pe_signature_
 
 MAX_NESTING = 32  # nested signatures within nested signatures (the signature cap is 32 in all)
 TICK_EVERY = 256  # elements read between two calls of the time-budget check
+MAX_ITEMS = 4096  # elements of one SET or SEQUENCE (the certificate cap is 500; attributes are a handful)
 
 
 class ParseError(ValueError):
@@ -191,6 +192,8 @@ def _items(buf: bytes, start: int, end: int, tick: Callable[[], None]) -> list[I
         pos = e
         if len(out) % TICK_EVERY == 0:
             tick()
+            if len(out) > MAX_ITEMS:
+                raise ParseError(f"more than {MAX_ITEMS} elements in one DER container")
     return out
 
 
