@@ -580,7 +580,7 @@ def _fast_signer_facts(signed: Any, kind: str, size: int, deadline: _Deadline) -
         "OK", kind, size,
         signatures=tuple(
             SignatureFacts(
-                index=s.index, signer=s.signer, issuer_hash=s.issuer_hash, program_name=s.program_name,
+                index=s.position, signer=s.signer, issuer_hash=s.issuer_hash, program_name=s.program_name,
                 countersignature_time=s.countersignature_time, digest_algorithm=s.digest_algorithm,
                 digest_valid=None, verification_status=NOT_VERIFIED, verification_error="",
                 is_trusted=False, is_root_microsoft=False,

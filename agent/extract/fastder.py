@@ -27,7 +27,7 @@ import datetime as dt
 import functools
 import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import signify.asn1.spc  # noqa: F401 - registers the Authenticode attribute types with asn1crypto
 from asn1crypto import cms, tsp  # noqa: F401 - tsp registers its attribute types, as signify's import does
@@ -127,8 +127,7 @@ Item = tuple[int, int, int, int]  # (tag, header start, content start, content e
 Attributes = dict[bytes, list[Item]]
 
 
-@dataclass(frozen=True)
-class RawSignature:
+class RawSignature(NamedTuple):
     """One Authenticode signature as raw facts (nested ones are separate items, in signify's order)."""
 
     leaf: bytes  # DER of the signer's certificate
@@ -138,11 +137,10 @@ class RawSignature:
     digest_algorithm: str  # hashlib name of the SpcIndirectDataContent digest
 
 
-@dataclass(frozen=True)
-class Signer:
+class Signer(NamedTuple):
     """One row's signer facts: the fields of SignatureFacts that need no verification."""
 
-    index: int  # position among the file's signatures, nested ones included
+    position: int  # index among the file's signatures, nested ones included
     signer: CertIdentity
     issuer_hash: str
     program_name: str
@@ -183,13 +181,32 @@ def _tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
 
 
 def _items(buf: bytes, start: int, end: int, tick: Callable[[], None]) -> list[Item]:
-    """(tag, header start, content start, content end) of every element in [start, end)."""
+    """(tag, header start, content start, content end) of every element in [start, end).
+    The header reading of _tlv, inlined: this loop is most of the reader's time."""
     out: list[Item] = []
+    append = out.append
     pos = start
     while pos < end:
-        tag, s, e = _tlv(buf, pos, end)
-        out.append((tag, pos, s, e))
-        pos = e
+        if pos + 2 > end:
+            raise ParseError(f"truncated DER header at {pos}")
+        head = pos
+        tag = buf[pos]
+        n = buf[pos + 1]
+        s = pos + 2
+        if n > 0x7F:
+            k = n - 0x80
+            if not 0 < k <= 4 or s + k > end:
+                raise ParseError("indefinite or bad length")
+            n = int.from_bytes(buf[s : s + k], "big")
+            if n < 0x80 or buf[s] == 0:
+                raise ParseError("non-minimal length")
+            s += k
+        pos = s + n
+        if pos > end:
+            raise ParseError(f"DER value ({n} bytes at {s}) runs past its container")
+        if tag & 0x1F == 0x1F:
+            raise ParseError("multi-byte tag")
+        append((tag, head, s, pos))
         if len(out) % TICK_EVERY == 0:
             tick()
             if len(out) > MAX_ITEMS:
@@ -228,20 +245,23 @@ def _attributes(buf: bytes, start: int, end: int, singular: tuple[bytes, ...], t
     out: Attributes = {}
     unchecked = _KNOWN_ATTRIBUTE_TYPES.unchecked()
     for item in _items(buf, start, end, tick):
-        s, e = _expect(item, SEQ, "Attribute")
-        parts = _items(buf, s, e, tick)
-        if len(parts) != 2 or parts[0][0] != OID:
+        if item[0] != SEQ:
+            raise ParseError("Attribute: not a SEQUENCE")
+        tag, s, e = _tlv(buf, item[2], item[3])  # type
+        vtag, vs, ve = _tlv(buf, e, item[3])  # values
+        if tag != OID or vtag != SET or ve != item[3]:
             raise ParseError("Attribute: not (type, values)")
-        oid = buf[parts[0][2] : parts[0][3]]
+        oid = buf[s:e]
         if oid in out:
             raise ParseError("Attribute repeated")  # signify keeps the last one: leave it to signify
         if oid in unchecked:
             raise ParseError("attribute with a value type this reader does not check")
-        vs, ve = _expect(parts[1], SET, "Attribute values")
         values = _items(buf, vs, ve, tick)
         allowed = _VALUE_TAGS.get(oid)
-        if allowed is not None and any(v[0] not in allowed for v in values):
-            raise ParseError("attribute value of an unexpected type")
+        if allowed is not None:
+            for value in values:
+                if value[0] not in allowed:
+                    raise ParseError("attribute value of an unexpected type")
         out[oid] = values
     for oid in singular:
         if oid in out and len(out[oid]) != 1:
@@ -290,20 +310,40 @@ def _time(buf: bytes, item: Item) -> dt.datetime:
 # --- certificates and names
 
 
-@dataclass(frozen=True)
-class _Cert:
+class _Cert(NamedTuple):
     der: bytes
     serial: int
     issuer: bytes  # DER of the issuer Name
     subject: bytes  # DER of the subject Name
 
 
-def _certificate(buf: bytes, item: Item, tick: Callable[[], None]) -> _Cert:
-    s, e = _expect(item, SEQ, "Certificate (only X.509 certificates are handled)")
-    parts = _items(buf, s, e, tick)
+# Certificates recur across files (a fleet has few signers and fewer CAs): their reading is
+# memoised by DER, bounded like certinfo's identity memo (entries, and the size of what it keeps).
+MEMO_ENTRIES = 1024
+MEMO_MAX_DER = 16 * 1024
+
+
+def _certificate(buf: bytes, item: Item) -> _Cert:
+    if item[0] != SEQ:
+        raise ParseError("Certificate: only X.509 certificates are handled")
+    der = buf[item[1] : item[3]]
+    if len(der) <= MEMO_MAX_DER:
+        return _certificate_memo(der, item[2] - item[1])
+    return _read_certificate(der, item[2] - item[1])
+
+
+@functools.lru_cache(maxsize=MEMO_ENTRIES)
+def _certificate_memo(der: bytes, body: int) -> _Cert:
+    return _read_certificate(der, body)
+
+
+def _read_certificate(der: bytes, body: int) -> _Cert:
+    """serialNumber, issuer and subject of a Certificate's DER (content from ``body``); the
+    fields are checked as asn1crypto checks them when signify reads the serial number."""
+    parts = _items(der, body, len(der), _no_tick)
     if len(parts) != 3 or parts[0][0] != SEQ or parts[1][0] != SEQ or parts[2][0] != BITS:
         raise ParseError("Certificate: not (tbs, algorithm, signature)")
-    tbs = _items(buf, parts[0][2], parts[0][3], tick)
+    tbs = _items(der, parts[0][2], parts[0][3], _no_tick)
     i = 1 if tbs and tbs[0][0] == CTX0 else 0
     # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, then optional
     # issuerUniqueID [1], subjectUniqueID [2], extensions [3], in that order
@@ -312,10 +352,10 @@ def _certificate(buf: bytes, item: Item, tick: Callable[[], None]) -> _Cert:
     _in_order(tbs[i + 6 :], (0x81, 0x82, CTX3), "TBSCertificate")
     serial, issuer, subject = tbs[i], tbs[i + 2], tbs[i + 4]
     return _Cert(
-        buf[item[1] : e],
-        int.from_bytes(buf[serial[2] : serial[3]], "big", signed=True),
-        buf[issuer[1] : issuer[3]],
-        buf[subject[1] : subject[3]],
+        der,
+        int.from_bytes(der[serial[2] : serial[3]], "big", signed=True),
+        der[issuer[1] : issuer[3]],
+        der[subject[1] : subject[3]],
     )
 
 
@@ -366,8 +406,7 @@ def _issuer_hash(certs: list[_Cert], leaf: _Cert) -> str:
 # --- SignedData, SignerInfo, and the Authenticode contents
 
 
-@dataclass(frozen=True)
-class _SignedData:
+class _SignedData(NamedTuple):
     certificates: list[_Cert] | None  # None when not read (a timestamp token's)
     content_type: bytes
     content: tuple[int, int]  # the [0] EXPLICIT content's inner span
@@ -410,15 +449,14 @@ def _signed_data(
     if read_certificates:
         certificates = []
         if certs_at == 3:
-            certificates = [_certificate(buf, item, tick) for item in _items(buf, fields[3][2], fields[3][3], tick)]
+            certificates = [_certificate(buf, item) for item in _items(buf, fields[3][2], fields[3][3], tick)]
     signers = _items(buf, fields[-1][2], fields[-1][3], tick)
     if len(signers) != 1:
         raise ParseError("SignedData: not exactly one signer")
     return _SignedData(certificates, content_type, content, _expect(signers[0], SEQ, "SignerInfo"))
 
 
-@dataclass(frozen=True)
-class _SignerInfo:
+class _SignerInfo(NamedTuple):
     issuer: bytes  # DER of the issuer Name of the signer's certificate
     serial: int
     signed: Attributes
