@@ -230,6 +230,15 @@ def _one(buf: bytes, start: int, end: int, tag: int, what: str) -> tuple[int, in
     return s, e
 
 
+def _pair(buf: bytes, start: int, end: int, tags: tuple[int, int], what: str) -> tuple[int, int, int, int]:
+    """The contents (start, end, start, end) of the two elements filling [start, end), with those tags."""
+    t1, s1, e1 = _tlv(buf, start, end)
+    t2, s2, e2 = _tlv(buf, e1, end)
+    if e2 != end or (t1, t2) != tags:
+        raise ParseError(f"{what}: not the two expected fields")
+    return s1, e1, s2, e2
+
+
 def _in_order(items: list[Item], tags: tuple[int, ...], what: str) -> None:
     """The items' tags are a subsequence of ``tags`` (optional fields, in their order)."""
     i = 0
@@ -424,36 +433,32 @@ def _signed_data(
         raise ParseError("ContentInfo: not a SEQUENCE")
     if exact and e != end:
         raise ParseError("ContentInfo: trailing bytes")
-    parts = _items(buf, s, e, tick)
-    if len(parts) != 2 or parts[0][0] != OID or buf[parts[0][2] : parts[0][3]] != OID_SIGNED_DATA:
+    ts, te, cs, ce = _pair(buf, s, e, (OID, CTX0), "ContentInfo")
+    if buf[ts:te] != OID_SIGNED_DATA:
         raise ParseError("ContentInfo does not hold SignedData")
-    cs, ce = _expect(parts[1], CTX0, "ContentInfo content")
     ss, se = _one(buf, cs, ce, SEQ, "SignedData")
     fields = _items(buf, ss, se, tick)
     # version, digestAlgorithms, encapContentInfo, [0] certificates (optional), signerInfos;
     # [1] crls are refused by signify
-    certs_at = 3 if len(fields) == 5 else -1
-    if len(fields) not in (4, 5) or tuple(f[0] for f in fields[:3]) != (INT, SET, SEQ) or fields[-1][0] != SET:
-        raise ParseError("SignedData: unusual fields")
-    if certs_at == 3 and fields[3][0] != CTX0:
-        raise ParseError("SignedData: crls, or an unusual field")
-    algorithms = _items(buf, fields[1][2], fields[1][3], tick)
-    if len(algorithms) != 1 or algorithms[0][0] != SEQ:
-        raise ParseError("SignedData: not exactly one digest algorithm")
-    encap = _items(buf, fields[2][2], fields[2][3], tick)
-    if len(encap) != 2 or encap[0][0] != OID:
-        raise ParseError("encapContentInfo: not (type, content)")
-    content_type = buf[encap[0][2] : encap[0][3]]
-    content = _expect(encap[1], CTX0, "encapContentInfo content")
+    n = len(fields)
+    if (
+        not 4 <= n <= 5
+        or fields[0][0] != INT
+        or fields[1][0] != SET
+        or fields[2][0] != SEQ
+        or fields[-1][0] != SET
+        or (n == 5 and fields[3][0] != CTX0)
+    ):
+        raise ParseError("SignedData: unusual fields (or crls)")
+    _one(buf, fields[1][2], fields[1][3], SEQ, "SignedData.digestAlgorithms (exactly one)")
+    ts, te, cs, ce = _pair(buf, fields[2][2], fields[2][3], (OID, CTX0), "encapContentInfo")
     certificates: list[_Cert] | None = None
     if read_certificates:
         certificates = []
-        if certs_at == 3:
+        if n == 5:
             certificates = [_certificate(buf, item) for item in _items(buf, fields[3][2], fields[3][3], tick)]
-    signers = _items(buf, fields[-1][2], fields[-1][3], tick)
-    if len(signers) != 1:
-        raise ParseError("SignedData: not exactly one signer")
-    return _SignedData(certificates, content_type, content, _expect(signers[0], SEQ, "SignerInfo"))
+    signer = _one(buf, fields[-1][2], fields[-1][3], SEQ, "SignedData.signerInfos (exactly one)")
+    return _SignedData(certificates, buf[ts:te], (cs, ce), signer)
 
 
 class _SignerInfo(NamedTuple):
@@ -473,17 +478,18 @@ def _signer_info(
     i = 4 if tags[3:4] == (CTX0,) else 3
     if tags[:3] != (INT, SEQ, SEQ) or tags[i : i + 2] != (SEQ, OCTETS) or tags[i + 2 :] not in ((), (CTX1,)):
         raise ParseError("SignerInfo: unusual fields")
-    sid = _items(buf, fields[1][2], fields[1][3], tick)  # only issuerAndSerialNumber: signify refuses a key id
-    if len(sid) != 2 or sid[0][0] != SEQ or sid[1][0] != INT:
-        raise ParseError("IssuerAndSerialNumber: not (issuer, serial)")
+    # sid: only issuerAndSerialNumber (signify refuses a subject key identifier)
+    _s, issuer_end, serial_start, serial_end = _pair(
+        buf, fields[1][2], fields[1][3], (SEQ, INT), "IssuerAndSerialNumber"
+    )
     signed = _attributes(buf, fields[3][2], fields[3][3], _SINGULAR_SIGNED, tick) if i == 4 else {}
     last = fields[-1]
     unsigned = _attributes(buf, last[2], last[3], singular_unsigned, tick) if last[0] == CTX1 else {}
     if OID_CONTENT_TYPE not in signed or OID_MESSAGE_DIGEST not in signed:
         raise ParseError("SignerInfo: contentType or messageDigest missing")
     return _SignerInfo(
-        buf[sid[0][1] : sid[0][3]],
-        int.from_bytes(buf[sid[1][2] : sid[1][3]], "big", signed=True),
+        buf[fields[1][2] : issuer_end],
+        int.from_bytes(buf[serial_start:serial_end], "big", signed=True),
         signed,
         unsigned,
     )
@@ -497,13 +503,9 @@ def _content_type_attr(buf: bytes, attrs: Attributes) -> bytes:
 def _digest_algorithm(buf: bytes, span: tuple[int, int], tick: Callable[[], None]) -> str:
     """The digest algorithm of the SpcIndirectDataContent in the [0] content span."""
     s, e = _one(buf, span[0], span[1], SEQ, "SpcIndirectDataContent")
-    parts = _items(buf, s, e, tick)
-    if len(parts) != 2 or parts[0][0] != SEQ:
-        raise ParseError("SpcIndirectDataContent: not (data, messageDigest)")
-    digest = _items(buf, *_expect(parts[1], SEQ, "DigestInfo"), tick)
-    if len(digest) != 2 or digest[1][0] != OCTETS:
-        raise ParseError("DigestInfo: not (algorithm, digest)")
-    alg = _items(buf, *_expect(digest[0], SEQ, "AlgorithmIdentifier"), tick)
+    _s, _e, ds, de = _pair(buf, s, e, (SEQ, SEQ), "SpcIndirectDataContent (data, messageDigest)")
+    as_, ae, _s, _e = _pair(buf, ds, de, (SEQ, OCTETS), "DigestInfo")
+    alg = _items(buf, as_, ae, tick)
     if not alg or alg[0][0] != OID or len(alg) > 2:
         raise ParseError("AlgorithmIdentifier: unusual")
     if len(alg) == 2 and (alg[1][0] != NULL or alg[1][2] != alg[1][3]):
