@@ -253,14 +253,16 @@ def _in_order(items: list[Item], tags: tuple[int, ...], what: str) -> None:
 def _attributes(buf: bytes, start: int, end: int, singular: tuple[bytes, ...], tick: Callable[[], None]) -> Attributes:
     out: Attributes = {}
     unchecked = _KNOWN_ATTRIBUTE_TYPES.unchecked()
-    for item in _items(buf, start, end, tick):
-        if item[0] != SEQ:
+    pos = start
+    while pos < end:
+        tag, s, e = _tlv(buf, pos, end)
+        if tag != SEQ:
             raise ParseError("Attribute: not a SEQUENCE")
-        tag, s, e = _tlv(buf, item[2], item[3])  # type
-        vtag, vs, ve = _tlv(buf, e, item[3])  # values
-        if tag != OID or vtag != SET or ve != item[3]:
+        tag, ts, te = _tlv(buf, s, e)  # type
+        vtag, vs, ve = _tlv(buf, te, e)  # values
+        if tag != OID or vtag != SET or ve != e:
             raise ParseError("Attribute: not (type, values)")
-        oid = buf[s:e]
+        oid = buf[ts:te]
         if oid in out:
             raise ParseError("Attribute repeated")  # signify keeps the last one: leave it to signify
         if oid in unchecked:
@@ -272,6 +274,11 @@ def _attributes(buf: bytes, start: int, end: int, singular: tuple[bytes, ...], t
                 if value[0] not in allowed:
                     raise ParseError("attribute value of an unexpected type")
         out[oid] = values
+        pos = e
+        if len(out) % TICK_EVERY == 0:
+            tick()
+            if len(out) > MAX_ITEMS:
+                raise ParseError(f"more than {MAX_ITEMS} attributes")
     for oid in singular:
         if oid in out and len(out[oid]) != 1:
             raise ParseError("singular attribute with several values")
