@@ -267,7 +267,13 @@ def _attributes(buf: bytes, start: int, end: int, singular: tuple[bytes, ...], t
             raise ParseError("Attribute repeated")  # signify keeps the last one: leave it to signify
         if oid in unchecked:
             raise ParseError("attribute with a value type this reader does not check")
-        values = _items(buf, vs, ve, tick)
+        if oid in singular:  # exactly one value, or signify refuses the SignerInfo
+            vtag, s, e = _tlv(buf, vs, ve)
+            if e != ve:
+                raise ParseError("singular attribute with several values")
+            values = [(vtag, vs, s, e)]
+        else:
+            values = _items(buf, vs, ve, tick)
         allowed = _VALUE_TAGS.get(oid)
         if allowed is not None:
             for value in values:
@@ -279,9 +285,6 @@ def _attributes(buf: bytes, start: int, end: int, singular: tuple[bytes, ...], t
             tick()
             if len(out) > MAX_ITEMS:
                 raise ParseError(f"more than {MAX_ITEMS} attributes")
-    for oid in singular:
-        if oid in out and len(out[oid]) != 1:
-            raise ParseError("singular attribute with several values")
     return out
 
 
