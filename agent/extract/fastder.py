@@ -4,6 +4,9 @@ bounds-checked DER reader; signify then runs only to verify (issue 12, "Fast sig
 Why: reading the signers with signify cost ~1.5 ms per signed file (asn1crypto builds and
 re-validates every SignerInfo, and certificate names are compared through their parsed
 values), against LIEF's ~0.15 ms full parse; SPEC section 7 asks for no slower than LIEF.
+Measured on the bench fixtures, one run, alternating: this path is ~10x faster than signify's
+and ~1.3-1.5x LIEF's time (703k vs 769k instructions per file under callgrind: the rest is
+the interpreter). A hand-written reader rather than asn1crypto for that reason.
 
 What: only the fields a row needs: the certificates' DER slices, the SignerInfo issuer and
 serial (and from them the signer's certificate and the issuing CA's thumbprint), the program
