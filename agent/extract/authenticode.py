@@ -43,7 +43,7 @@ from signify.x509 import Certificate, CertificateStore, VerificationContext
 from signify.x509.context import CombinedCertificateStore
 
 from agent.compat import signify_speedups
-from agent.extract import limits, sniff
+from agent.extract import fastder, limits, sniff
 from agent.extract.certinfo import parse_certificate
 from agent.extract.facts import MALFORMED_CERTIFICATE, NOT_VERIFIED, TIMEOUT, FileFacts, SignatureFacts
 from agent.extract.limits import MAX_CERT_TABLE_SIZE, MAX_CERTIFICATES, MAX_SIGNATURES, CapExceeded, Caps
@@ -624,6 +624,10 @@ def _signatures(signed: Any, deadline: _Deadline) -> tuple[list[AuthenticodeSign
 def _facts_of_signed(
     signed: Any, kind: str, size: int, verifier: TrustVerifier | None, deadline: _Deadline
 ) -> FileFacts:
+    if verifier is None:
+        fast = _fast_signer_facts(signed, kind, size, deadline)
+        if fast is not None:
+            return fast
     sigs, warnings, error = _signatures(signed, deadline)
     if error:
         return FileFacts("PARSE_ERROR", kind, size, detail=error)
@@ -634,6 +638,36 @@ def _facts_of_signed(
     finally:
         for sig in sigs:
             signify_speedups.release(sig)
+
+
+def _fast_signer_facts(signed: Any, kind: str, size: int, deadline: _Deadline) -> FileFacts | None:
+    """The signer facts without verification, by the DER reader (agent.extract.fastder); None
+    lets signify read the file (whatever the reader does not handle exactly as signify does).
+    perf (issue 12): signify took ~1.5 ms per signed PE here, LIEF's full parse ~0.15 ms."""
+    deadline.check("reading the signers")
+    try:
+        if kind == "PE":
+            if "certtable" not in (signed.get_authenticode_omit_sections() or {}):
+                return None  # signify refuses the headers: its error is the file's status
+            blobs = fastder.pe_signature_blobs(signed._entries, signed._entries_error)
+        else:
+            with signed._ole_file.openstream(DIGITAL_SIGNATURE_ENTRY_NAME) as fh:
+                blobs = [fh.read()]
+        signers = fastder.read_signers(blobs, deadline.tick)
+    except fastder.ParseError:
+        return None
+    return FileFacts(
+        "OK", kind, size,
+        signatures=tuple(
+            SignatureFacts(
+                index=s.position, signer=s.signer, issuer_hash=s.issuer_hash, program_name=s.program_name,
+                countersignature_time=s.countersignature_time, digest_algorithm=s.digest_algorithm,
+                digest_valid=None, verification_status=NOT_VERIFIED, verification_error="",
+                is_trusted=False, is_root_microsoft=False,
+            )
+            for s in signers
+        ),
+    )  # fmt: skip
 
 
 def _facts_of_signatures(

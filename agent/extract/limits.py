@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_CERT_TABLE_SIZE = 8 * 1024 * 1024
 MAX_CERTIFICATES = 500
@@ -84,8 +85,7 @@ class _Tally:
             raise CapExceeded(f"certificate table holds more than {self.caps.max_certificates} certificates (cap)")
 
 
-@dataclass(frozen=True)
-class _TLV:
+class _TLV(NamedTuple):  # a tuple: a frozen dataclass cost ~12 us of the walk per file (issue 12)
     tag: int  # first identifier octet (class, constructed bit, low tag number)
     start: int  # offset of the identifier octet
     body: int  # offset of the contents

@@ -10,7 +10,9 @@ flips and truncation anywhere.
 
 Each case runs in a pool of worker processes with a per-case timeout: a worker that does
 not answer in time is killed (a hang) and replaced; an exception escaping
-``extract_stream``, a status outside FILE_STATUSES or a dead worker is a crash. The run
+``extract_stream``, a status outside FILE_STATUSES or a dead worker is a crash. Every case is
+read twice: without a verifier (the signers by the DER reader, agent/extract/fastder.py) and
+fully verified (signify). The run
 prints cases, crashes, hangs, the statuses, the slowest case and the peak RSS of a worker.
 Exit code 1 when any crash or hang was seen.
 """
@@ -399,12 +401,16 @@ class CaseRunner:
         data, description = make_case(self.seeds, self.seed_value, index)
         start = time.monotonic()
         try:
+            # the signers alone (the DER reader, agent/extract/fastder.py), then a full verification
+            # (signify); each must end in a status, the second one's is the case's
+            fast = extract_stream(io.BytesIO(data), len(data), verifier=None, time_budget=self.budget)
             facts = extract_stream(io.BytesIO(data), len(data), verifier=self.verifier, time_budget=self.budget)
         except BaseException as exc:  # noqa: BLE001 - anything escaping is the finding
             return Outcome(index, "CRASH", time.monotonic() - start, description, _short_traceback(exc))
         elapsed = time.monotonic() - start
-        if facts.status not in FILE_STATUSES:
-            return Outcome(index, "CRASH", elapsed, description, f"unknown status {facts.status!r}")
+        for which, status in (("without a verifier", fast.status), ("verified", facts.status)):
+            if status not in FILE_STATUSES:
+                return Outcome(index, "CRASH", elapsed, description, f"unknown status {status!r} ({which})")
         return Outcome(index, facts.status, elapsed, description)
 
 
