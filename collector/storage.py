@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import operator
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from agent.rules.loader import Rule
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
+from agent.transport.outbox import RULE_EXCLUSIONS
 from collector.fleetplan import FleetPlan, RuleIndex, SqlSummarize, apply_post, parse_fleet_plan, window_range
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,28 @@ hits = sa.Table(
     sa.Column("evidence", sa.Text, nullable=False),
     sa.Index("hits_device", "device_id", "report_id"),
 )
+# Migration 2: the agent's exclusions, forwarded per row (rule id -> exclusion id), and the hits
+# they exclude. Excluded hits live apart from ``hits`` so that every default view (hunts, the
+# dashboard) leaves them out with no extra condition; hunts add them on request.
+row_exclusions = sa.Table(
+    "row_exclusions",
+    metadata,
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("report_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("rule_id", sa.String(128), primary_key=True),
+    sa.Column("exclusion_id", sa.Text, nullable=False),
+)
+excluded_hits = sa.Table(
+    "excluded_hits",
+    metadata,
+    sa.Column("ruleset", sa.String(64), primary_key=True),
+    sa.Column("rule_id", sa.String(128), primary_key=True),
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("report_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("evidence", sa.Text, nullable=False),
+    sa.Column("exclusion_id", sa.Text, nullable=False),
+    sa.Index("excluded_hits_device", "device_id", "report_id"),
+)
 
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:
@@ -150,10 +174,23 @@ def _add_columns(names: Sequence[str]) -> Callable[[Connection], None]:
     return run
 
 
+def _migration_2(conn: Connection) -> None:
+    for table in (row_exclusions, excluded_hits):
+        table.create(conn, checkfirst=True)
+
+
+#: version -> a step other than adding row columns. Versions are shared with ADDED_ROW_COLUMNS:
+#: the next row column goes under version 3.
+TABLE_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migration_1, 2: _migration_2}
+
+
 def migrations() -> list[tuple[int, Callable[[Connection], None]]]:
-    steps: list[tuple[int, Callable[[Connection], None]]] = [(1, _migration_1)]
-    steps.extend((version, _add_columns(cols)) for version, cols in sorted(ADDED_ROW_COLUMNS.items()))
-    return steps
+    clash = set(TABLE_MIGRATIONS) & set(ADDED_ROW_COLUMNS)
+    if clash:
+        raise SchemaError(f"migration version(s) {sorted(clash)} used twice")
+    steps: list[tuple[int, Callable[[Connection], None]]] = list(TABLE_MIGRATIONS.items())
+    steps.extend((version, _add_columns(cols)) for version, cols in ADDED_ROW_COLUMNS.items())
+    return sorted(steps, key=lambda step: step[0])
 
 
 class SchemaError(Exception):
@@ -364,32 +401,49 @@ class Collector:
         return out
 
     def _insert_hits(self, conn: Connection, rows: Sequence[dict[str, Any]], now: dt.datetime) -> int:
-        records = []
+        """Evaluate the rules the index names for each row and store the hits. A hit the agent
+        excluded (the row's forwarded RuleExclusions, or every hit of a row it marked Excluded)
+        goes to ``excluded_hits``: kept and visible on request, out of hunts by default.
+        Returns the hits stored, excluded or not."""
+        found: list[tuple[Any, ...]] = []
+        excluded: list[tuple[Any, ...]] = []
+        ruleset = self.ruleset
         for row in rows:
-            if row.get("Excluded"):
+            plans = self.index.candidates(row)
+            if not plans:
                 continue
-            for plan in self.index.candidates(row):
+            forwarded = row.get(RULE_EXCLUSIONS) or {}
+            whole_row = (row.get("ExclusionId") or "agent") if row.get("Excluded") else None
+            for plan in plans:
                 evidence = plan.ingest.filter_row(row, now=now)
                 if evidence is None:
                     continue
-                records.append(
-                    {
-                        "ruleset": self.ruleset,
-                        "rule_id": plan.rule.id,
-                        "device_id": row["DeviceId"],
-                        "report_id": row["ReportId"],
-                        "evidence": json.dumps(
-                            [
-                                {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
-                                for e in evidence
-                            ],
-                            ensure_ascii=False,
-                            default=str,
-                        ),
-                    }
+                rule_id = plan.rule.id
+                text = json.dumps(
+                    [
+                        {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
+                        for e in evidence
+                    ],
+                    ensure_ascii=False,
+                    default=str,
                 )
-        _bulk_insert_ignore(conn, hits, records)
-        return len(records)
+                exclusion = forwarded.get(rule_id) or whole_row
+                if exclusion is None:
+                    found.append((ruleset, rule_id, row["DeviceId"], row["ReportId"], text))
+                else:
+                    excluded.append((ruleset, rule_id, row["DeviceId"], row["ReportId"], text, exclusion))
+        _insert_tuples(conn, _plan(conn, hits), found)
+        _insert_tuples(conn, _plan(conn, excluded_hits), excluded)
+        return len(found) + len(excluded)
+
+    def _insert_row_exclusions(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """Keep the agent's (rule, exclusion) pairs of new rows, for re-evaluation under a new rule set."""
+        pairs = [
+            (row["DeviceId"], row["ReportId"], rule_id, exclusion_id)
+            for row in rows
+            for rule_id, exclusion_id in (row.get(RULE_EXCLUSIONS) or {}).items()
+        ]
+        _insert_tuples(conn, _plan(conn, row_exclusions), pairs)
 
     def ingest(
         self, rows: Sequence[dict[str, Any]], *, device_id: str | None = None, dropped_total: int | None = None
@@ -397,40 +451,26 @@ class Collector:
         """Store rows idempotently on (DeviceId, ReportId) and their rule hits, in one transaction.
         Rows already stored are left as they are (a retry never double-counts)."""
         now = _utcnow()
-        accepted = duplicates = hit_count = 0
-        keys = list(dict.fromkeys((r["DeviceId"], r["ReportId"]) for r in rows))
+        unique: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in rows:
+            unique.setdefault((r["DeviceId"], r["ReportId"]), r)
+        hit_count = 0
         with self.engine.begin() as conn:
-            existing: set[tuple[str, int]] = set()
-            key_cols = sa.tuple_(cert_rows.c.DeviceId, cert_rows.c.ReportId)
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                existing.update(
-                    (d, r)
-                    for d, r in conn.execute(
-                        sa.select(cert_rows.c.DeviceId, cert_rows.c.ReportId).where(key_cols.in_(chunk))
-                    )
-                )
-            fresh: dict[tuple[str, int], dict[str, Any]] = {}
-            for r in rows:
-                key = (r["DeviceId"], r["ReportId"])
-                if key not in existing and key not in fresh:
-                    fresh[key] = r
-            duplicates = len(rows) - len(fresh)
+            fresh = _insert_rows_new(conn, unique)
             if fresh:
-                _bulk_insert_ignore(conn, cert_rows, list(fresh.values()))
-                hit_count = self._insert_hits(conn, list(fresh.values()), now)
-            accepted = len(fresh)
+                hit_count = self._insert_hits(conn, fresh, now)
+                self._insert_row_exclusions(conn, fresh)
             if device_id is not None:
                 values: dict[str, Any] = {
                     "last_seen": _naive_utc(now),
-                    "rows_received": devices.c.rows_received + accepted,
+                    "rows_received": devices.c.rows_received + len(fresh),
                 }
                 if dropped_total is not None:
                     values["dropped_rows"] = sa.case(
                         (devices.c.dropped_rows < dropped_total, dropped_total), else_=devices.c.dropped_rows
                     )
                 conn.execute(sa.update(devices).where(devices.c.device_id == device_id).values(**values))
-        return IngestResult(accepted, duplicates, hit_count)
+        return IngestResult(len(fresh), len(rows) - len(fresh), hit_count)
 
     # --- reading rows
     def iter_rows(
@@ -620,40 +660,139 @@ def _arg_name(agg: Any) -> str:
     return str(getattr(agg.arg, "name", "")) if agg.arg is not None else ""
 
 
-def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING through the driver's executemany: the ingest hot path.
-    Values are converted here as SQLAlchemy's types store them (SQLite: datetimes as
-    'YYYY-MM-DD HH:MM:SS.ffffff' text, bools as 0/1), so Core reads them back unchanged."""
-    if not records:
-        return
-    names = [c.name for c in table.columns]
-    cols = ", ".join(f'"{n}"' for n in names)
+class _TablePlan:
+    """How records of one table become driver parameters, worked out once per (table, dialect).
+
+    The hot path of ingest: rows become tuples through one itemgetter, only the datetime
+    columns are touched per row (SQLite stores them as SQLAlchemy's DateTime does, text
+    'YYYY-MM-DD HH:MM:SS.ffffff'; PostgreSQL takes naive UTC), and text columns get their
+    '' for null in SQL (string columns are never null, as in Kusto). Measured on 10,000 rows
+    (100% RMM), the per-row dict comprehension and SQLAlchemy's IN-list compilation it
+    replaces were about a third of the collector's CPU."""
+
+    def __init__(self, table: sa.Table, sqlite: bool) -> None:
+        self.table = table
+        self.sqlite = sqlite
+        self.names = [c.name for c in table.columns]
+        self.get = operator.itemgetter(*self.names)
+        self.dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
+        texts = {c.name for c in table.columns if table is cert_rows and isinstance(c.type, sa.Text)}
+        self.cols = ", ".join(f'"{n}"' for n in self.names)
+        mark = "?" if sqlite else "%s"
+        self.values = ", ".join(f"COALESCE({mark}, '')" if n in texts else mark for n in self.names)
+        self.select = ", ".join(f"COALESCE(\"{n}\", '')" if n in texts else f'"{n}"' for n in self.names)
+
+    def tuples(self, records: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        get, dates, names = self.get, self.dates, self.names
+        out = []
+        for rec in records:
+            try:
+                values = get(rec)
+            except KeyError:  # a partial record (bench, tests): missing columns are null
+                values = tuple(rec.get(n) for n in names)
+            converted = None
+            for i in dates:
+                value = values[i]
+                if value is not None:
+                    if converted is None:
+                        converted = list(values)
+                    value = _naive_utc(value)
+                    converted[i] = value.isoformat(sep=" ", timespec="microseconds") if self.sqlite else value
+            out.append(values if converted is None else tuple(converted))
+        return out
+
+
+_PLANS: dict[tuple[str, bool], _TablePlan] = {}
+
+
+def _plan(conn: Connection, table: sa.Table) -> _TablePlan:
     sqlite = conn.dialect.name == "sqlite"
-    dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
-    bools = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.Boolean)]
-    texts = [i for i, c in enumerate(table.columns) if table is cert_rows and isinstance(c.type, sa.Text)]
-    rows = []
-    for rec in records:
-        values: list[Any] = [rec.get(n) for n in names]
-        for i in texts:  # string columns are never null, as in Kusto
-            if values[i] is None:
-                values[i] = ""
-        for i in dates:
-            value = values[i]
-            if value is not None:
-                value = _naive_utc(value)
-                values[i] = value.isoformat(sep=" ", timespec="microseconds") if sqlite else value
-        if sqlite:
-            for i in bools:
-                if values[i] is not None:
-                    values[i] = int(values[i])
-        rows.append(tuple(values))
-    if sqlite:
-        marks = ", ".join("?" for _ in names)
-        conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{table.name}" ({cols}) VALUES ({marks})', rows)
-    else:
-        marks = ", ".join("%s" for _ in names)
-        conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
+    plan = _PLANS.get((table.name, sqlite))
+    if plan is None:
+        plan = _PLANS[(table.name, sqlite)] = _TablePlan(table, sqlite)
+    return plan
+
+
+def _insert_tuples(
+    conn: Connection, plan: _TablePlan, rows: Sequence[tuple[Any, ...]], returning: Sequence[str] = ()
+) -> list[tuple[Any, ...]]:
+    """INSERT ... ON CONFLICT DO NOTHING of driver-ready tuples; with ``returning``, the given
+    columns of the rows actually inserted (PostgreSQL only; SQLite callers find conflicts first).
+
+    SQLite: one executemany of a prepared statement. PostgreSQL: COPY into a temporary table
+    (kept per connection, emptied at commit) and one INSERT ... SELECT ... ON CONFLICT DO NOTHING,
+    which is exact under concurrent collectors (a racing duplicate waits, then is skipped)."""
+    if not rows:
+        return []
+    name = plan.table.name
+    if plan.sqlite:
+        conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{name}" ({plan.cols}) VALUES ({plan.values})', rows)
+        return []
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    temp = f"_in_{name}"
+    with raw.cursor() as cur:
+        cur.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{temp}" (LIKE "{name}") ON COMMIT DELETE ROWS')
+        with cur.copy(f'COPY "{temp}" ({plan.cols}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row(row)
+        sql = f'INSERT INTO "{name}" ({plan.cols}) SELECT {plan.select} FROM "{temp}" ON CONFLICT DO NOTHING'
+        if returning:
+            sql += " RETURNING " + ", ".join(f'"{c}"' for c in returning)
+        cur.execute(sql)
+        out = cur.fetchall() if returning else []
+        cur.execute(f'DELETE FROM "{temp}"')  # the same transaction may use it again
+    return out
+
+
+def _existing_keys_sqlite(conn: Connection, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The (DeviceId, ReportId) among ``keys`` already stored: per device, one range scan of the
+    primary key when the ids are dense (an agent's batch is consecutive), else IN lists."""
+    by_device: dict[str, list[int]] = {}
+    for device, report in keys:
+        by_device.setdefault(device, []).append(report)
+    found: set[tuple[str, int]] = set()
+    base = 'SELECT "ReportId" FROM cert_rows WHERE "DeviceId" = ? AND '
+    # the sqlite3 connection itself, inside the same transaction: an import file spreads a batch
+    # over many devices, and SQLAlchemy's per-statement cost (~0.25 ms) was 30% of ingest there
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    for device, ids in by_device.items():
+        wanted = set(ids)
+        low, high = min(ids), max(ids)
+        if high - low <= 4 * len(ids) + 64:
+            result = raw.execute(base + '"ReportId" BETWEEN ? AND ?', (device, low, high))
+            found.update((device, r) for (r,) in result if r in wanted)
+            continue
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            result = raw.execute(base + f'"ReportId" IN ({marks})', (device, *chunk))
+            found.update((device, r) for (r,) in result)
+    return found
+
+
+def _insert_rows_new(conn: Connection, unique: Mapping[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert the rows not stored yet; returns them (in order). Must be the transaction's first
+    statement: on SQLite it takes the write lock first (BEGIN IMMEDIATE), so the check for rows
+    already there and the insert see the same database."""
+    if not unique:
+        return []
+    plan = _plan(conn, cert_rows)
+    if plan.sqlite:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        existing = _existing_keys_sqlite(conn, unique)
+        fresh = [r for k, r in unique.items() if k not in existing]
+        _insert_tuples(conn, plan, plan.tuples(fresh))
+        return fresh
+    inserted = {(d, r) for d, r in _insert_tuples(conn, plan, plan.tuples(unique.values()), ("DeviceId", "ReportId"))}
+    return [r for k, r in unique.items() if k in inserted]
+
+
+def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING of records (dicts by column name), the bulk path."""
+    plan = _plan(conn, table)
+    _insert_tuples(conn, plan, plan.tuples(records))
 
 
 # --- dashboard matrix (devices x tools), computed in SQL
