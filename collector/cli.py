@@ -29,11 +29,16 @@ class CollectorError(Exception):
     """A bad setting or file: one line, exit 2."""
 
 
-def add_parser(sub: Any) -> None:
+HELP = "the fleet collector: serve, import, hunt, devices"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``rmmhunt collector ...``. The agent never imports this module: its
+    ``collector`` command only captures the arguments, and ``run`` parses them here."""
     from agent.cli import _format_options as format_options
     from agent.cli import _global_options as global_options
 
-    p = sub.add_parser("collector", help="the fleet collector: serve, import, hunt, devices")
+    p = argparse.ArgumentParser(prog="rmmhunt collector", description=HELP)
     global_options(p, suppress=True)
     csub = p.add_subparsers(dest="collector_command", metavar="ACTION")
     csub.required = True
@@ -55,6 +60,7 @@ def add_parser(sub: Any) -> None:
     q = add("hunt", "fleet-wide hunt results from the collector's database")
     q.add_argument("--rule", action="append", metavar="ID", help="only this rule id (repeatable)")
     format_options(q, views=True)  # --format, --out, --view and --rows, as the agent's hunt
+    q.add_argument("--include-excluded", action="store_true", help="also count hits the agents' exclusions removed")
     q = add("devices", "list devices, or revoke one's node key")
     dsub = q.add_subparsers(dest="devices_command", metavar="ACTION")
     dsub.required = True
@@ -64,6 +70,7 @@ def add_parser(sub: Any) -> None:
     d = dsub.add_parser("revoke", help="revoke a device's node key")
     global_options(d, suppress=True)
     d.add_argument("device_id")
+    return p
 
 
 def load_collector_config(config_file: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -253,14 +260,14 @@ def cmd_hunt(args: argparse.Namespace) -> int:
             if unknown:
                 raise CollectorError(f"unknown rule id(s): {', '.join(sorted(unknown))}")
         now = dt.datetime.now(dt.UTC)
-        fleet = collector.hunt(now=now, rule_ids=args.rule)
+        fleet = collector.hunt(now=now, rule_ids=args.rule, include_excluded=args.include_excluded)
         results = []
         rows_of: dict[str, list[dict[str, Any]]] = {}
         for r in fleet:
             behind: tuple[dict[str, Any], ...] = ()
             if args.rows:
                 if r.rule.id not in rows_of:
-                    rows_of[r.rule.id] = collector.rule_rows(r.rule.id, now=now)
+                    rows_of[r.rule.id] = collector.rule_rows(r.rule.id, now=now, include_excluded=args.include_excluded)
                 report = r.result.get("Report")
                 behind = tuple(
                     row
@@ -297,9 +304,25 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``rmmhunt collector ...``: the agent's CLI hands over the arguments after ``collector``
+    (``collector_argv``); they are parsed here, into the same namespace as the global options."""
+    argv = getattr(args, "collector_argv", None)
+    if argv is not None:
+        from agent.cli import _setup_logging
+
+        args = build_parser().parse_args(argv, namespace=args)
+        del args.collector_argv
+        _setup_logging(args)  # -v or --log-file may come after the action
     commands = {"serve": cmd_serve, "import": cmd_import, "hunt": cmd_hunt, "devices": cmd_devices}
     try:
         return commands[args.collector_command](args)
     except CollectorError as exc:
         print(f"rmmhunt: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m collector ...``, the same as ``rmmhunt collector ...``."""
+    from agent.cli import main as agent_main
+
+    return agent_main(["collector", *(sys.argv[1:] if argv is None else argv)])

@@ -323,6 +323,8 @@ class Collector:
                 query = query.where(sa.tuple_(cert_rows.c.DeviceId, cert_rows.c.ReportId) > sa.tuple_(*after))
             with self.engine.connect() as conn:
                 rows = [self._row_out(r) for r in conn.execute(query)]
+                if rows:
+                    self._attach_exclusions(conn, rows, after)
             if not rows:
                 break
             with self.engine.begin() as conn:
@@ -332,8 +334,26 @@ class Collector:
             return
         with self.engine.begin() as conn:
             conn.execute(sa.delete(hits).where(hits.c.ruleset != self.ruleset))
+            conn.execute(sa.delete(excluded_hits).where(excluded_hits.c.ruleset != self.ruleset))
             self._set_meta(conn, "hits_ruleset", self.ruleset)
         log.info("rule set %s in force", self.ruleset)
+
+    @staticmethod
+    def _attach_exclusions(conn: Connection, rows: list[dict[str, Any]], after: tuple[str, int] | None) -> None:
+        """Give a page of stored rows (ordered by key, after ``after``) their forwarded exclusions."""
+        key = sa.tuple_(row_exclusions.c.device_id, row_exclusions.c.report_id)
+        last = (rows[-1]["DeviceId"], rows[-1]["ReportId"])
+        query = sa.select(row_exclusions).where(key <= sa.tuple_(*last))
+        if after is not None:
+            query = query.where(key > sa.tuple_(*after))
+        pairs: dict[tuple[str, int], dict[str, str]] = {}
+        for device_id, report_id, rule_id, exclusion_id in conn.execute(query):
+            pairs.setdefault((device_id, report_id), {})[rule_id] = exclusion_id
+        if pairs:
+            for row in rows:
+                found = pairs.get((row["DeviceId"], row["ReportId"]))
+                if found:
+                    row[RULE_EXCLUSIONS] = found
 
     # --- devices
     def enroll(self, device_id: str, device_name: str) -> str | None:
@@ -498,8 +518,15 @@ class Collector:
             return int(conn.execute(sa.select(sa.func.count()).select_from(cert_rows)).scalar_one())
 
     # --- fleet hunts
-    def hunt(self, *, now: dt.datetime | None = None, rule_ids: Iterable[str] | None = None) -> list[FleetResult]:
-        """Every rule's summarize over the stored hits, computed by the database."""
+    def hunt(
+        self,
+        *,
+        now: dt.datetime | None = None,
+        rule_ids: Iterable[str] | None = None,
+        include_excluded: bool = False,
+    ) -> list[FleetResult]:
+        """Every rule's summarize over the stored hits, computed by the database. Hits the agent
+        excluded count only with ``include_excluded`` (as the agent's ``hunt --include-excluded``)."""
         now = now or _utcnow()
         wanted = set(rule_ids) if rule_ids is not None else None
         version = self.hits_ruleset() or self.ruleset
@@ -514,9 +541,9 @@ class Collector:
         out: list[FleetResult] = []
         with self.engine.connect() as conn:
             for group in groups.values():
-                out.extend(self._hunt_sql(conn, group, version, now))
+                out.extend(self._hunt_sql(conn, group, version, now, include_excluded))
             for plan in python_plans:
-                out.extend(self._hunt_python(conn, plan, version, now))
+                out.extend(self._hunt_python(conn, plan, version, now, include_excluded))
         order = {p.rule.id: i for i, p in enumerate(self.plans)}
         out.sort(key=lambda r: (order[r.rule.id], str(r.result.get("DeviceId", "")), str(r.result.get("DeviceName"))))
         return out
@@ -540,16 +567,30 @@ class Collector:
                 clauses.append(ts >= vals[0])
         return clauses
 
-    def _joined(self) -> Any:
-        return hits.join(
-            cert_rows, sa.and_(hits.c.device_id == cert_rows.c.DeviceId, hits.c.report_id == cert_rows.c.ReportId)
-        )
+    @staticmethod
+    def _hits_source(include_excluded: bool) -> Any:
+        """``hits``, or with ``include_excluded`` the union of hits and excluded hits (same columns,
+        plus exclusion_id: null for a hit nobody excluded)."""
+        if not include_excluded:
+            return hits
+        keep = ("ruleset", "rule_id", "device_id", "report_id", "evidence")
+        return sa.union_all(
+            sa.select(*[hits.c[n] for n in keep], sa.cast(sa.null(), sa.Text).label("exclusion_id")),
+            sa.select(*[excluded_hits.c[n] for n in keep], excluded_hits.c.exclusion_id),
+        ).subquery("all_hits")
 
-    def _hunt_sql(self, conn: Connection, group: list[FleetPlan], version: str, now: dt.datetime) -> list[FleetResult]:
+    def _joined(self, source: Any = None) -> Any:
+        h = hits if source is None else source
+        return h.join(cert_rows, sa.and_(h.c.device_id == cert_rows.c.DeviceId, h.c.report_id == cert_rows.c.ReportId))
+
+    def _hunt_sql(
+        self, conn: Connection, group: list[FleetPlan], version: str, now: dt.datetime, include_excluded: bool = False
+    ) -> list[FleetResult]:
         sql = group[0].sql
         assert sql is not None
         pg = conn.dialect.name == "postgresql"
-        selects: list[Any] = [hits.c.rule_id]
+        h = self._hits_source(include_excluded)
+        selects: list[Any] = [h.c.rule_id]
         by_cols = [cert_rows.c[col].label(f"b{i}") for i, (_name, col) in enumerate(sql.by)]
         selects.extend(by_cols)
         arg_names = [_arg_name(agg) for agg in sql.aggregates]
@@ -571,13 +612,13 @@ class Collector:
             selects.append(expr.label(f"a{i}"))
         query = (
             sa.select(*selects)
-            .select_from(self._joined())
+            .select_from(self._joined(h))
             .where(
-                hits.c.ruleset == version,
-                hits.c.rule_id.in_([p.rule.id for p in group]),
+                h.c.ruleset == version,
+                h.c.rule_id.in_([p.rule.id for p in group]),
                 *self._window_clause(sql, now),
             )
-            .group_by(hits.c.rule_id, *[cert_rows.c[col] for _n, col in sql.by])
+            .group_by(h.c.rule_id, *[cert_rows.c[col] for _n, col in sql.by])
         )
         by_rule = {p.rule.id: p for p in group}
         out = []
@@ -613,8 +654,10 @@ class Collector:
             return bool(value)
         return value
 
-    def _hunt_python(self, conn: Connection, plan: FleetPlan, version: str, now: dt.datetime) -> list[FleetResult]:
-        rows = [r for r in self.rule_rows(plan.rule.id, version=version, conn=conn)]
+    def _hunt_python(
+        self, conn: Connection, plan: FleetPlan, version: str, now: dt.datetime, include_excluded: bool = False
+    ) -> list[FleetResult]:
+        rows = self.rule_rows(plan.rule.id, version=version, conn=conn, include_excluded=include_excluded)
         return [FleetResult(plan.rule, result) for result in plan.rule.query.run(rows, now=now)]
 
     def rule_rows(
@@ -625,15 +668,19 @@ class Collector:
         now: dt.datetime | None = None,
         conn: Connection | None = None,
         limit: int | None = None,
+        include_excluded: bool = False,
     ) -> list[dict[str, Any]]:
         """The stored rows that hit a rule (inside its time window when the rule has one in SQL),
-        with their evidence."""
+        with their evidence; with ``include_excluded`` also those the agent excluded, each with
+        ``ExcludedBy`` (the exclusion id, or null)."""
         version = version or self.hits_ruleset() or self.ruleset
         plan = next(p for p in self.plans if p.rule.id == rule_id)
+        h = self._hits_source(include_excluded)
+        extra = [h.c.exclusion_id] if include_excluded else []
         query = (
-            sa.select(*[cert_rows.c[n] for n in COLUMN_NAMES], hits.c.evidence)
-            .select_from(self._joined())
-            .where(hits.c.ruleset == version, hits.c.rule_id == rule_id)
+            sa.select(*[cert_rows.c[n] for n in COLUMN_NAMES], h.c.evidence, *extra)
+            .select_from(self._joined(h))
+            .where(h.c.ruleset == version, h.c.rule_id == rule_id)
             .order_by(cert_rows.c.DeviceId, cert_rows.c.ReportId)
         )
         if plan.sql is not None and now is not None:
@@ -643,9 +690,12 @@ class Collector:
 
         def run(c: Connection) -> list[dict[str, Any]]:
             out = []
+            width = len(COLUMN_NAMES)
             for rec in c.execute(query):
-                row = self._row_out(rec[: len(COLUMN_NAMES)])
-                row["Evidence"] = json.loads(rec[-1])
+                row = self._row_out(rec[:width])
+                row["Evidence"] = json.loads(rec[width])
+                if include_excluded:
+                    row["ExcludedBy"] = rec[width + 1]
                 out.append(row)
             return out
 
