@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import operator
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite collectors there run alone
+    fcntl = None  # type: ignore[assignment]
 from sqlalchemy.engine import Connection, Engine
 
 from agent.rules.loader import Rule
@@ -243,6 +249,56 @@ def load_ruleset_version(rules: Sequence[Rule]) -> str:
     return digest.hexdigest()[:16]
 
 
+#: the PostgreSQL advisory lock of re-evaluation (any fixed 64-bit number; this one names it)
+REEVAL_LOCK_KEY = int.from_bytes(hashlib.sha256(b"rmmhunt-collector-reevaluate").digest()[:8], "big", signed=True)
+
+
+class ReevalLock:
+    """Only one collector re-evaluates a database at a time (several stateless collectors share one
+    PostgreSQL). PostgreSQL: a session advisory lock (pg_try_advisory_lock) on a connection held
+    for the re-evaluation, released by the server if that collector dies. SQLite: an exclusive
+    flock on ``<database>.reeval-lock`` beside the file, released by the kernel likewise."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self.engine.dialect.name == "postgresql":
+            conn = self.engine.connect()
+            got = bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": REEVAL_LOCK_KEY}).scalar())
+            conn.commit()  # the lock is the session's: it outlives this transaction
+            if got:
+                self._conn = conn
+            else:
+                conn.close()
+            return got
+        database = self.engine.url.database
+        if not database or database == ":memory:" or fcntl is None:  # nobody else can share it
+            return True
+        fd = os.open(database + ".reeval-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": REEVAL_LOCK_KEY})
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 @dataclass(frozen=True)
 class FleetResult:
     rule: Rule
@@ -268,6 +324,7 @@ class Collector:
         self.index = RuleIndex(self.plans)
         self.ruleset = load_ruleset_version(self.rules)
         self._reeval: threading.Thread | None = None
+        self.reevaluated = False  # True once this collector (not another one) re-evaluated the stored rows
         self._stop = threading.Event()
         for plan in self.plans:
             if plan.sql is None:
@@ -307,10 +364,31 @@ class Collector:
                 self._set_meta(conn, "hits_ruleset", self.ruleset)
                 return
         if background:
-            self._reeval = threading.Thread(target=self.reevaluate, name="rmmhunt-reevaluate", daemon=True)
+            self._reeval = threading.Thread(target=self._reevaluate_once, name="rmmhunt-reevaluate", daemon=True)
             self._reeval.start()
         else:
-            self.reevaluate()
+            self._reevaluate_once()
+
+    def _reevaluate_once(self, poll: float = 2.0) -> None:
+        """Re-evaluate unless another collector on the same database does it: wait for the
+        re-evaluation lock, then re-check (the holder may have brought the hits to this rule set)."""
+        lock = ReevalLock(self.engine)
+        waiting = False
+        while not self._stop.is_set():
+            if lock.try_acquire():
+                try:
+                    if self.hits_ruleset() == self.ruleset:
+                        log.info("rule set %s already in force (another collector re-evaluated)", self.ruleset)
+                    else:
+                        self.reevaluated = True
+                        self.reevaluate()
+                finally:
+                    lock.release()
+                return
+            if not waiting:
+                log.info("another collector is re-evaluating the stored rows; waiting for it")
+                waiting = True
+            self._stop.wait(poll)
 
     def reevaluate(self, page: int = 5000) -> None:
         """Re-run the ingest filters of the current rules over every stored row, then switch."""
