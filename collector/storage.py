@@ -824,8 +824,12 @@ class _TablePlan:
                 if value is not None:
                     if converted is None:
                         converted = list(values)
-                    value = _naive_utc(value)
-                    converted[i] = value.isoformat(sep=" ", timespec="microseconds") if self.sqlite else value
+                    if not self.sqlite:
+                        converted[i] = _naive_utc(value)
+                    elif value.tzinfo is dt.UTC:  # the wire's own datetimes: drop the "+00:00"
+                        converted[i] = value.isoformat(" ", "microseconds")[:26]
+                    else:
+                        converted[i] = _naive_utc(value).isoformat(" ", "microseconds")
             out.append(values if converted is None else tuple(converted))
         return out
 
