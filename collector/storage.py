@@ -8,6 +8,7 @@ version; ``check_schema`` refuses to start when a schema column has no migration
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -29,6 +30,22 @@ except ImportError:  # Windows: SQLite collectors there run alone
     fcntl = None  # type: ignore[assignment]
 from sqlalchemy.engine import Connection, Engine
 
+from agent.rules.kql_parser import (
+    Ago,
+    And,
+    Arith,
+    Call,
+    Column,
+    Compare,
+    Const,
+    EmptyTest,
+    Expr,
+    Neg,
+    Not,
+    Now,
+    Or,
+    WhereStage,
+)
 from agent.rules.loader import Rule
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
 from agent.transport.outbox import RULE_EXCLUSIONS
@@ -253,6 +270,54 @@ def load_ruleset_version(rules: Sequence[Rule]) -> str:
 REEVAL_LOCK_KEY = int.from_bytes(hashlib.sha256(b"rmmhunt-collector-reevaluate").digest()[:8], "big", signed=True)
 
 
+_MISSING = object()
+_PURE_NODES = (Const, Column, Arith, Neg, Not, And, Or, Compare, Call, EmptyTest)
+#: columns whose values rarely repeat: a filter reading one of them is not worth memoising
+_UNIQUE_COLUMNS = frozenset({"FolderPath", "SHA1", "SHA256", "ReportId", "Timestamp", "FileSize", "SignerHash"})
+
+
+def memo_columns(plan: FleetPlan) -> tuple[str, ...] | None:
+    """The row columns a plan's ingest filter reads, when its result is a function of those values
+    alone: only ``where`` stages, no now()/ago(), only base columns, none that is nearly unique
+    per row. None: evaluate every row."""
+    parsed = getattr(plan.ingest, "_parsed", None)
+    if parsed is None or not parsed.stages:
+        return None
+    columns: set[str] = set()
+
+    def pure(node: Any) -> bool:
+        if isinstance(node, Column):
+            columns.add(node.name)
+            return True
+        if isinstance(node, (Now, Ago)) or not isinstance(node, _PURE_NODES):
+            return False
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            items = value if isinstance(value, tuple) else (value,)
+            if not all(pure(v) for v in items if isinstance(v, Expr)):
+                return False
+        return True
+
+    for stage in parsed.stages:
+        if not isinstance(stage, WhereStage) or not pure(stage.predicate):
+            return None
+    if not columns or not columns <= set(COLUMN_NAMES) or columns & _UNIQUE_COLUMNS:
+        return None
+    return tuple(sorted(columns))
+
+
+def _evidence_text(plan: FleetPlan, row: Mapping[str, Any], now: dt.datetime) -> str | None:
+    """The hit's evidence as stored (JSON), or None when the row does not pass the ingest filter."""
+    evidence = plan.ingest.filter_row(row, now=now)
+    if evidence is None:
+        return None
+    return json.dumps(
+        [{"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern} for e in evidence],
+        ensure_ascii=False,
+        default=str,
+    )
+
+
 class ReevalLock:
     """Only one collector re-evaluates a database at a time (several stateless collectors share one
     PostgreSQL). PostgreSQL: a session advisory lock (pg_try_advisory_lock) on a connection held
@@ -324,6 +389,11 @@ class Collector:
         self.index = RuleIndex(self.plans)
         self.ruleset = load_ruleset_version(self.rules)
         self._reeval: threading.Thread | None = None
+        # ingest filters whose result depends only on a few row values (signers repeat across a
+        # fleet): their evidence text is memoised by those values. Measured on SQLite, 100% RMM rows:
+        # filters and evidence 29 -> 9 us/row, the whole ingest 94 -> 66 us of CPU per row
+        self._memo_columns = {id(p): cols for p in self.plans if (cols := memo_columns(p)) is not None}
+        self._memo: dict[tuple[Any, ...], Any] = {}
         self.reevaluated = False  # True once this collector (not another one) re-evaluated the stored rows
         self._stop = threading.Event()
         for plan in self.plans:
@@ -506,6 +576,7 @@ class Collector:
         found: list[tuple[Any, ...]] = []
         excluded: list[tuple[Any, ...]] = []
         ruleset = self.ruleset
+        memo_columns, memo = self._memo_columns, self._memo
         for row in rows:
             plans = self.index.candidates(row)
             if not plans:
@@ -513,18 +584,20 @@ class Collector:
             forwarded = row.get(RULE_EXCLUSIONS) or {}
             whole_row = (row.get("ExclusionId") or "agent") if row.get("Excluded") else None
             for plan in plans:
-                evidence = plan.ingest.filter_row(row, now=now)
-                if evidence is None:
+                columns = memo_columns.get(id(plan))
+                if columns is None:
+                    text = _evidence_text(plan, row, now)
+                else:
+                    key = (id(plan), *[row.get(c) for c in columns])
+                    text = memo.get(key, _MISSING)
+                    if text is _MISSING:
+                        text = _evidence_text(plan, row, now)
+                        if len(memo) >= 65_536:
+                            memo.clear()
+                        memo[key] = text
+                if text is None:
                     continue
                 rule_id = plan.rule.id
-                text = json.dumps(
-                    [
-                        {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
-                        for e in evidence
-                    ],
-                    ensure_ascii=False,
-                    default=str,
-                )
                 exclusion = forwarded.get(rule_id) or whole_row
                 if exclusion is None:
                     found.append((ruleset, rule_id, row["DeviceId"], row["ReportId"], text))
@@ -860,20 +933,26 @@ def _insert_tuples(
     if plan.sqlite:
         conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{name}" ({plan.cols}) VALUES ({plan.values})', rows)
         return []
+    import psycopg
+
     raw = conn.connection.driver_connection
     assert raw is not None
     temp = f"_in_{name}"
-    with raw.cursor() as cur:
-        cur.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{temp}" (LIKE "{name}") ON COMMIT DELETE ROWS')
-        with cur.copy(f'COPY "{temp}" ({plan.cols}) FROM STDIN') as copy:
-            for row in rows:
-                copy.write_row(row)
-        sql = f'INSERT INTO "{name}" ({plan.cols}) SELECT {plan.select} FROM "{temp}" ON CONFLICT DO NOTHING'
-        if returning:
-            sql += " RETURNING " + ", ".join(f'"{c}"' for c in returning)
-        cur.execute(sql)
-        out = cur.fetchall() if returning else []
-        cur.execute(f'DELETE FROM "{temp}"')  # the same transaction may use it again
+    sql = f'COPY "{temp}" ({plan.cols}) FROM STDIN'
+    try:
+        with raw.cursor() as cur:
+            cur.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{temp}" (LIKE "{name}") ON COMMIT DELETE ROWS')
+            with cur.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            sql = f'INSERT INTO "{name}" ({plan.cols}) SELECT {plan.select} FROM "{temp}" ON CONFLICT DO NOTHING'
+            if returning:
+                sql += " RETURNING " + ", ".join(f'"{c}"' for c in returning)
+            cur.execute(sql)
+            out = cur.fetchall() if returning else []
+            cur.execute(f'DELETE FROM "{temp}"')  # the same transaction may use it again
+    except psycopg.Error as exc:  # as SQLAlchemy raises it for its own statements
+        raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     return out
 
 
