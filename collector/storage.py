@@ -23,11 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-
-try:
-    import fcntl
-except ImportError:  # Windows: SQLite collectors there run alone
-    fcntl = None  # type: ignore[assignment]
 from sqlalchemy.engine import Connection, Engine
 
 from agent.rules.kql_parser import (
@@ -52,6 +47,11 @@ from agent.transport.outbox import RULE_EXCLUSIONS
 from collector.fleetplan import FleetPlan, RuleIndex, SqlSummarize, apply_post, parse_fleet_plan, window_range
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite collectors there run alone
+    fcntl = None  # type: ignore[assignment]
 
 #: version -> row columns that version adds (ALTER TABLE ADD COLUMN). Version 1 creates the
 #: table with every agent.schema column not listed here.
