@@ -897,12 +897,12 @@ class _TablePlan:
                 if value is not None:
                     if converted is None:
                         converted = list(values)
-                    if not self.sqlite:
-                        converted[i] = _naive_utc(value)
-                    elif value.tzinfo is dt.UTC:  # the wire's own datetimes: drop the "+00:00"
+                    if value.tzinfo is not dt.UTC:  # the wire's own datetimes are UTC already
+                        value = _naive_utc(value).replace(tzinfo=dt.UTC)
+                    if self.sqlite:  # "+00:00" dropped
                         converted[i] = value.isoformat(" ", "microseconds")[:26]
                     else:
-                        converted[i] = _naive_utc(value).isoformat(" ", "microseconds")
+                        converted[i] = value.replace(tzinfo=None)
             out.append(values if converted is None else tuple(converted))
         return out
 
