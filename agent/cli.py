@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import logging
 import os
 import sys
@@ -32,6 +31,7 @@ from agent.service import cli as runtime_cli
 from agent.settings import ConfigError, Settings, load_settings
 from agent.store import StoreError
 from agent.sweep import cli as sweep_cli
+from collector import cli as collector_cli  # the collector's commands (its CLI imports the agent lazily)
 
 log = logging.getLogger("rmmhunt")
 
@@ -171,10 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_cli.add_parser(sub, _global_options)
     sweep_cli.add_parser(sub)
     forward_cli.add_parser(sub)
-    # `collector`: only its arguments here; collector.cli parses and runs them (the agent never imports it)
-    sub.add_parser(
-        "collector", help="the fleet collector: serve, import, hunt, devices", add_help=False, prefix_chars="\0"
-    ).add_argument("collector_argv", nargs=argparse.REMAINDER)
+    collector_cli.add_parser(sub)
     return parser
 
 
@@ -649,7 +646,7 @@ COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd
 COMMANDS["config"] = config_cli.run
 COMMANDS["store"] = store_cli.run
 COMMANDS["sweep"] = sweep_cli.run
-COMMANDS.update(forward=forward_cli.run, collector=lambda args: importlib.import_module("collector.cli").run(args))
+COMMANDS.update(forward=forward_cli.run, collector=collector_cli.run)
 COMMANDS.update(dict.fromkeys(runtime_cli.COMMAND_NAMES, runtime_cli.run))
 
 

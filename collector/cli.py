@@ -29,16 +29,13 @@ class CollectorError(Exception):
     """A bad setting or file: one line, exit 2."""
 
 
-HELP = "the fleet collector: serve, import, hunt, devices"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``rmmhunt collector ...``. The agent never imports this module: its
-    ``collector`` command only captures the arguments, and ``run`` parses them here."""
+def add_parser(sub: Any) -> None:
+    """``rmmhunt collector ...``. The agent imports this module (importlib, agent.cli
+    MODULE_COMMANDS) only when the collector command runs or the whole parser is needed."""
     from agent.cli import _format_options as format_options
     from agent.cli import _global_options as global_options
 
-    p = argparse.ArgumentParser(prog="rmmhunt collector", description=HELP)
+    p = sub.add_parser("collector", help="the fleet collector: serve, import, hunt, devices")
     global_options(p, suppress=True)
     csub = p.add_subparsers(dest="collector_command", metavar="ACTION")
     csub.required = True
@@ -70,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("revoke", help="revoke a device's node key")
     global_options(d, suppress=True)
     d.add_argument("device_id")
-    return p
 
 
 def load_collector_config(config_file: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -304,15 +300,6 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``rmmhunt collector ...``: the agent's CLI hands over the arguments after ``collector``
-    (``collector_argv``); they are parsed here, into the same namespace as the global options."""
-    argv = getattr(args, "collector_argv", None)
-    if argv is not None:
-        from agent.cli import _setup_logging
-
-        args = build_parser().parse_args(argv, namespace=args)
-        del args.collector_argv
-        _setup_logging(args)  # -v or --log-file may come after the action
     commands = {"serve": cmd_serve, "import": cmd_import, "hunt": cmd_hunt, "devices": cmd_devices}
     try:
         return commands[args.collector_command](args)
