@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import logging
 import os
 import sys
@@ -14,9 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from io import StringIO
 from typing import Any, TextIO
 
-from rich.text import Text
-
-from agent import __version__, config_cli, forward_cli, store_cli
+from agent import __version__
 from agent.output import (
     FORMATS,
     OutputError,
@@ -27,11 +26,8 @@ from agent.output import (
     render_jsonl,
     write_output,
 )
-from agent.service import cli as runtime_cli
 from agent.settings import ConfigError, Settings, load_settings
 from agent.store import StoreError
-from agent.sweep import cli as sweep_cli
-from collector import cli as collector_cli  # the collector's commands (its CLI imports the agent lazily)
 
 log = logging.getLogger("rmmhunt")
 
@@ -114,7 +110,100 @@ def _by_technique(rules: list[Any], techniques: list[str] | None) -> list[Any]:
     return [r for r in rules if any(t.upper() in wanted or t.upper().split(".")[0] in wanted for t in r.techniques)]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands that other modules define (``add_parser``) and run (``run``), imported only when one of
+# them is the command being run: start-up (issue 12). Each module registers the names listed here.
+MODULE_COMMANDS: dict[str, tuple[str, ...]] = {
+    "agent.config_cli": ("config",),
+    "agent.store_cli": ("store",),
+    "agent.service.cli": ("watch", "run", "status", "service"),
+    "agent.sweep.cli": ("sweep",),
+    "agent.forward_cli": ("forward",),
+    "collector.cli": ("collector",),  # the collector's commands (its CLI imports the agent lazily)
+}
+MODULE_OF_COMMAND = {name: module for module, names in MODULE_COMMANDS.items() for name in names}
+
+
+def _add_module_commands(module: str, sub: Any) -> None:
+    mod = importlib.import_module(module)
+    if module in ("agent.config_cli", "agent.service.cli"):
+        mod.add_parser(sub, _global_options)
+    else:
+        mod.add_parser(sub)
+
+
+class _NoCommand(Exception):
+    pass
+
+
+class _GlobalOnlyParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _NoCommand(message)
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (after any global options), or None when there is none
+    (--help, --version, a bad global option): read the way the full parser reads it."""
+    pre = _GlobalOnlyParser(add_help=False, allow_abbrev=True)
+    _global_options(pre, suppress=False)
+    try:
+        _known, rest = pre.parse_known_args(list(argv))
+    except _NoCommand:
+        return None
+    return rest[0] if rest and not rest[0].startswith("-") else None
+
+
+def _add_scan_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], only: str | None) -> None:
+    """scan, hunt, rows, explain and rules: each in full when ``only`` is None or names it."""
+    if only in (None, "scan"):
+        p = add("scan", "scan paths (default: all local fixed filesystems): what is on disk now", SCAN_HELP)
+        p.add_argument("paths", nargs="*", metavar="PATH")
+        p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
+        p.add_argument("--no-verify", action="store_true", help="read signers only: no hashing, no trust check")
+        p.add_argument("--follow-symlinks", action="store_true", help="follow directory symlinks (loops detected)")
+        p.add_argument("--strict", action="store_true", help="exit 2 when the scan is incomplete and found nothing")
+        p.add_argument("--processes", action="store_true", help="the images and mapped files of running processes")
+        p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
+        _format_options(p, views=True)
+
+    if only in (None, "hunt"):
+        p = add("hunt", "run the rules over the local store: the history inside each rule's time window", HUNT_HELP)
+        p.add_argument("--rule", action="append", metavar="ID", help="only this rule id (repeatable)")
+        p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
+        p.add_argument("--include-excluded", action="store_true", help="also count rows that exclusions removed")
+        _format_options(p, views=True)
+
+    if only in (None, "rows"):
+        p = add("rows", "list the stored certificate rows with all columns")
+        p.add_argument("--excluded", action="store_true", help="only rows flagged by an exclusion")
+        _format_options(p)
+
+    if only in (None, "explain"):
+        p = add("explain", "every fact about one file and why each rule fires")
+        p.add_argument("file")
+        p.add_argument("--all", action="store_true", help="also list every rule that does not fire, and why")
+        p.add_argument("--format", choices=("table", "json"), default="table")
+
+    if only in (None, "rules"):
+        p = add("rules", "list or check rules and exclusions")
+        rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
+        rsub.required = True
+        rl = rsub.add_parser("list", help="id, name, tool, source and patterns of every rule")
+        _global_options(rl, suppress=True)
+        _format_options(rl)
+        rc = rsub.add_parser("check", help="validate rule files (and the config's exclusions)")
+        _global_options(rc, suppress=True)
+        rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
+
+
+SCAN_COMMANDS = ("scan", "hunt", "rows", "explain", "rules")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only`` (a known command) that command in full and the others
+    by name alone, so a run builds (and imports) only what it uses: start-up (issue 12). --help and
+    an unknown command get the whole parser."""
+    if only is not None and only not in SCAN_COMMANDS and only not in MODULE_OF_COMMAND:
+        only = None
     parser = argparse.ArgumentParser(prog="rmmhunt", description="Find RMM tools by their Authenticode signers.")
     parser.add_argument("--version", action="version", version=f"rmmhunt {__version__}")
     _global_options(parser, suppress=False)
@@ -132,46 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         _global_options(p, suppress=True)
         return p
 
-    p = add("scan", "scan paths (default: all local fixed filesystems): what is on disk now", SCAN_HELP)
-    p.add_argument("paths", nargs="*", metavar="PATH")
-    p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
-    p.add_argument("--no-verify", action="store_true", help="read signers only: no hashing, no trust check")
-    p.add_argument("--follow-symlinks", action="store_true", help="follow directory symlinks (loops detected)")
-    p.add_argument("--strict", action="store_true", help="exit 2 when the scan is incomplete and found nothing")
-    p.add_argument("--processes", action="store_true", help="the images and mapped files of running processes")
-    p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
-    _format_options(p, views=True)
-
-    p = add("hunt", "run the rules over the local store: the history inside each rule's time window", HUNT_HELP)
-    p.add_argument("--rule", action="append", metavar="ID", help="only this rule id (repeatable)")
-    p.add_argument("--technique", action="append", metavar="T", help=_TECHNIQUE_HELP)
-    p.add_argument("--include-excluded", action="store_true", help="also count rows that exclusions removed")
-    _format_options(p, views=True)
-
-    p = add("rows", "list the stored certificate rows with all columns")
-    p.add_argument("--excluded", action="store_true", help="only rows flagged by an exclusion")
-    _format_options(p)
-
-    p = add("explain", "every fact about one file and why each rule fires")
-    p.add_argument("file")
-    p.add_argument("--all", action="store_true", help="also list every rule that does not fire, and why")
-    p.add_argument("--format", choices=("table", "json"), default="table")
-
-    p = add("rules", "list or check rules and exclusions")
-    rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
-    rsub.required = True
-    rl = rsub.add_parser("list", help="id, name, tool, source and patterns of every rule")
-    _global_options(rl, suppress=True)
-    _format_options(rl)
-    rc = rsub.add_parser("check", help="validate rule files (and the config's exclusions)")
-    _global_options(rc, suppress=True)
-    rc.add_argument("paths", nargs="*", metavar="PATH", help="rule files/dirs or .toml configs (default: in use)")
-    config_cli.add_parser(sub, _global_options)
-    store_cli.add_parser(sub)
-    runtime_cli.add_parser(sub, _global_options)
-    sweep_cli.add_parser(sub)
-    forward_cli.add_parser(sub)
-    collector_cli.add_parser(sub)
+    for name in SCAN_COMMANDS:
+        if only in (None, name):
+            _add_scan_commands(sub, add, name)
+        else:
+            sub.add_parser(name, add_help=False)  # never parsed: argv names another command
+    for module, names in MODULE_COMMANDS.items():
+        if only is None or only in names:
+            _add_module_commands(module, sub)
+        else:
+            for name in names:
+                sub.add_parser(name, add_help=False)
     return parser
 
 
@@ -224,6 +284,8 @@ def _load_exclusions(settings: Settings, rules: Sequence[Any] = ()) -> list[Any]
 
 def _open_store(settings: Settings, *, write: bool = True) -> Any:
     """The writer (with the state directory's lock) or a read-only reader (never locks)."""
+    from agent import store_cli
+
     return store_cli.open_store(settings, write=write)
 
 
@@ -322,9 +384,10 @@ def _draw_results(
     """The table: the findings (or the published columns with --view summary), then with --rows the
     rows behind each result. Drawn from the raw rows: the table escapes each value once itself."""
     from agent.views.records import SUMMARY_VIEW_COLUMNS, trust_verdict
-    from agent.views.table import print_findings, print_records, print_row_records
 
     def draw(console: Any) -> None:
+        from agent.views.table import print_findings, print_records, print_row_records  # rich: only to draw
+
         if view == "summary":
             print_records(records, SUMMARY_VIEW_COLUMNS, console)
         else:
@@ -430,9 +493,12 @@ def summary_text(stats: Mapping[str, Any], results: int) -> str:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
     from agent import platform
-    from agent.extract.authenticode import TrustVerifier, load_roots
+    from agent.extract.verifier import LazyVerifier
     from agent.scanner import Matcher, scanner_for
+    from agent.service import cli as runtime_cli
     from agent.views.records import error_record, findings_of, incomplete_reasons, tally
     from agent.views.table import make_console, scan_summary_lines
 
@@ -454,7 +520,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         roots, skip = platform.default_roots()
         mounts = [point for point, _fstype in platform.linux_mounts()] if not platform.IS_WINDOWS else []
         platform.lower_priority()
-    verifier = TrustVerifier(load_roots(settings.trusted_roots)) if settings.verify else None
+    # built with the first PE/MSI: a scan that meets none never imports signify (start-up, issue 12)
+    verifier = LazyVerifier(settings.trusted_roots) if settings.verify else None
     progress = None
     if not args.quiet and not args.no_progress and sys.stderr.isatty():
         from agent.views.progress import ScanProgress, estimate_file_count
@@ -573,7 +640,6 @@ def cmd_hunt(args: argparse.Namespace) -> int:
 
 def cmd_rows(args: argparse.Namespace) -> int:
     from agent.views.records import ROW_KEYS, row_record, trust_verdict
-    from agent.views.table import print_row_records
 
     fmt = format_for(args.out, args.format)
     check_out(args.out)
@@ -583,6 +649,8 @@ def cmd_rows(args: argparse.Namespace) -> int:
     records = [row_record(r) for r in rows]
 
     def draw(console: Any) -> None:
+        from agent.views.table import print_row_records  # rich: only to draw
+
         shown = [{**raw, "Trust": trust_verdict(raw)} for raw in rows]
         print_row_records(shown, ("ReportId", "Timestamp", "Signer", "Trust"), console)
 
@@ -620,7 +688,6 @@ def cmd_rules(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.rules_command == "list":
         from agent.views.records import RULE_KEYS, rule_record
-        from agent.views.table import print_records
 
         fmt = format_for(args.out, args.format)
         check_out(args.out)
@@ -635,6 +702,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
         errors = [{"Path": p.path, "Line": p.line, "Column": p.column, "Message": p.message} for p in problems]
 
         def draw(console: Any) -> None:
+            from agent.views.table import print_records  # rich: only to draw
+
             print_records(records, ("RuleId", "Tool", "Source", "Techniques", "Patterns"), console)
 
         _emit(fmt, args.out, summary=summary, results=records, errors=errors, keys=RULE_KEYS, table=draw)
@@ -642,12 +711,19 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return run_check(args.paths, settings)
 
 
-COMMANDS = {"scan": cmd_scan, "hunt": cmd_hunt, "rows": cmd_rows, "explain": cmd_explain, "rules": cmd_rules}
-COMMANDS["config"] = config_cli.run
-COMMANDS["store"] = store_cli.run
-COMMANDS["sweep"] = sweep_cli.run
-COMMANDS.update(forward=forward_cli.run, collector=collector_cli.run)
-COMMANDS.update(dict.fromkeys(runtime_cli.COMMAND_NAMES, runtime_cli.run))
+def _run_module_command(args: argparse.Namespace) -> int:
+    run: Callable[[argparse.Namespace], int] = importlib.import_module(MODULE_OF_COMMAND[args.command]).run
+    return run(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "scan": cmd_scan,
+    "hunt": cmd_hunt,
+    "rows": cmd_rows,
+    "explain": cmd_explain,
+    "rules": cmd_rules,
+    **dict.fromkeys(MODULE_OF_COMMAND, _run_module_command),  # each imports its module when run
+}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -680,7 +756,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", 0) or 0
     try:

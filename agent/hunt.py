@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +23,18 @@ def _rows_behind(result: Mapping[str, Any], matched: Sequence[dict[str, Any]]) -
     """Rows that fed one summarize group: same values in the result's grouping columns and,
     where the result lists ReportIds, one of those."""
     report_ids = result.get("Report")
+    wanted: Container[Any] | None = None
+    if isinstance(report_ids, list):
+        try:  # perf (hunt, issue 12): a list here made this quadratic in the rows of a result
+            wanted = set(report_ids)
+        except TypeError:  # an unhashable value: compared as the list holds it
+            wanted = report_ids
     keys = [k for k in ("DeviceId", "DeviceName") if k in result]
     out = []
     for row in matched:
         if any(row.get(k) != result[k] for k in keys):
             continue
-        if isinstance(report_ids, list) and row.get("ReportId") not in report_ids:
+        if wanted is not None and row.get("ReportId") not in wanted:
             continue
         out.append(row)
     return tuple(out)

@@ -9,7 +9,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from agent.extract.authenticode import NOT_VERIFIED, FileFacts
+from agent.extract.facts import NOT_VERIFIED, FileFacts
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ loaded rule has) are printed too but leave the exit code at 0.
 from __future__ import annotations
 
 import sys
-import tomllib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,8 @@ def _settings_problems(path: Path) -> list[str]:
 
 
 def _check_toml(path: Path, rule_ids: Collection[str] | None, report: CheckReport) -> None:
+    import tomllib  # here, not at start-up: only `rules check` of a config reads TOML here
+
     from agent.exclusions import ExclusionProblem, parse_exclusions
 
     settings_problems = _settings_problems(path)

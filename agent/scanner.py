@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import filecache
-from agent.extract.authenticode import FileFacts, TrustVerifier, extract_stream
+from agent.extract.facts import FileFacts
 from agent.extract.sniff import HEADER_BYTES, classify
+from agent.extract.verifier import AnyVerifier, resolve_verifier
 from agent.platform import SpecialFile, open_regular
 from agent.rows import Device, ProcessContext, build_rows
 from agent.rules.index import RuleIndex
@@ -144,7 +145,7 @@ def examine_path(
     path: str,
     ident: tuple[int, int, int, int],
     *,
-    verifier: TrustVerifier | None,
+    verifier: AnyVerifier,
     max_file_size: int,
     time_budget: float,
     dir_fd: int | None = None,
@@ -178,9 +179,12 @@ def examine_path(
         if st.st_size > max_file_size:
             return "TOO_LARGE", None, f"{st.st_size} bytes > cap {max_file_size}", ident
         os.lseek(fd, 0, os.SEEK_SET)
+        from agent.extract.authenticode import extract_stream  # start-up: signify only once a PE/MSI is met
+
         with os.fdopen(fd, "rb", buffering=65536, closefd=True) as stream:
             fd = -1
-            facts = extract_stream(stream, st.st_size, verifier=verifier, time_budget=time_budget, **(caps or {}))
+            verifying = resolve_verifier(verifier)
+            facts = extract_stream(stream, st.st_size, verifier=verifying, time_budget=time_budget, **(caps or {}))
         return facts.status, facts, facts.detail, ident
     except FileNotFoundError as exc:
         return "VANISHED", None, str(exc), ident
@@ -220,7 +224,7 @@ class Scanner:
         store: Store,
         device: Device,
         matcher: Matcher,
-        verifier: TrustVerifier | None,
+        verifier: AnyVerifier,
         *,
         max_file_size: int,
         file_time_budget: float,
@@ -584,7 +588,7 @@ def scanner_for(
     store: Store,
     device: Device,
     matcher: Matcher,
-    verifier: TrustVerifier | None,
+    verifier: AnyVerifier,
     *,
     source: str = "scan",
     examine: Examine | None = None,

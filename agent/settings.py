@@ -19,11 +19,10 @@ import logging
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 from urllib.parse import urlsplit
 
 from agent import platform
@@ -375,19 +374,20 @@ class Option:
         return ", ".join(parts)
 
 
-_KINDS: dict[Any, str] = {
-    int: "int",
-    float: "float",
-    bool: "bool",
-    str: "str",
-    Path: "path",
-    Path | None: "optional_path",
-    tuple[Path, ...]: "paths",
+# By the annotation's text (this module's annotations are strings): evaluating them with
+# typing.get_type_hints compiled one expression per field at every start-up.
+_KINDS: dict[str, str] = {
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "str": "str",
+    "Path": "path",
+    "Path | None": "optional_path",
+    "tuple[Path, ...]": "paths",
 }
 
 
 def _build_registry() -> tuple[Option, ...]:
-    hints = get_type_hints(Settings)
     options = []
     for f in fields(Settings):
         meta = f.metadata
@@ -398,7 +398,7 @@ def _build_registry() -> tuple[Option, ...]:
                 name=f.name,
                 table=meta["table"],
                 key=meta["key"] or f.name,
-                kind=_KINDS[hints[f.name]],
+                kind=_KINDS[str(f.type)],
                 default=f.default,
                 help=meta["help"],
                 minimum=meta["minimum"],
@@ -548,14 +548,15 @@ _BARE = r"[A-Za-z0-9_-]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"|\'[^\']*\''
 _KEY_PART = rf"(?:{_BARE}|{_QUOTED})"
 _DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
-_HEADER_RE = re.compile(rf"^\s*(\[\[?)\s*({_DOTTED})\s*\]\]?")
-_KEY_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
-_PART_RE = re.compile(_KEY_PART)
+# Patterns, not compiled objects: re compiles (and caches) them when a config file is read;
+# a start-up without one does not pay for them.
+_HEADER_RE = rf"^\s*(\[\[?)\s*({_DOTTED})\s*\]\]?"
+_KEY_RE = rf"^\s*({_DOTTED})\s*="
 
 
 def _key_parts(dotted: str) -> tuple[str, ...]:
     parts = []
-    for part in _PART_RE.findall(dotted):
+    for part in re.findall(_KEY_PART, dotted):
         if part.startswith('"'):
             part = json.loads(part) if part.endswith('"') else part.strip('"')
         elif part.startswith("'"):
@@ -577,7 +578,7 @@ def parse_key_lines(text: str) -> dict[tuple[str, ...], int]:
             if in_string in line:
                 in_string = ""
             continue
-        header = _HEADER_RE.match(line)
+        header = re.match(_HEADER_RE, line)
         if header:
             name = _key_parts(header.group(2))
             if header.group(1) == "[[":
@@ -589,7 +590,7 @@ def parse_key_lines(text: str) -> dict[tuple[str, ...], int]:
                 table = name
             lines.setdefault(table, number)
             continue
-        key = _KEY_RE.match(line)
+        key = re.match(_KEY_RE, line)
         if key:
             lines.setdefault((*table, *_key_parts(key.group(1))), number)
             rest = line[key.end() :]
@@ -614,20 +615,22 @@ class _Layer:
     exclusions: tuple[Mapping[str, Any], ...] = ()
 
 
-_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_TOML_POSITION = r"\s*\(at line (\d+), column (\d+)\)$"
 
 
 def _read_config(path: Path, text: str) -> _Layer:
     """Every value of the config file, converted and checked; problems as FILE:LINE: key: message."""
+    import tomllib  # only when there is a config file
+
     layer = _Layer()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
-        pos = _TOML_POSITION.search(message)
+        pos = re.search(_TOML_POSITION, message)
         at = f"{path}:{pos.group(1)}" if pos else f"{path}:1"
         column = f" (column {pos.group(2)})" if pos else ""
-        layer.problems.append(f"{at}: invalid TOML: {_TOML_POSITION.sub('', message)}{column}")
+        layer.problems.append(f"{at}: invalid TOML: {re.sub(_TOML_POSITION, '', message)}{column}")
         return layer
     except RecursionError:  # tomllib recurses once per nested array or inline table
         layer.problems.append(f"{path}:1: invalid TOML: arrays or tables nested too deeply")

@@ -25,15 +25,15 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
 from agent.textenc import from_db, to_db
 
-if TYPE_CHECKING:  # imported lazily: the CLI imports StoreError without loading signify
-    from agent.extract.authenticode import FileFacts
+if TYPE_CHECKING:  # imported lazily: the CLI imports StoreError without loading the extractor
+    from agent.extract.facts import FileFacts
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ OBSERVATION_WHERE = (
 OBSERVATION_COLUMNS = ("DeviceId", "FolderPath", "SHA256", "SignatureIndex", "SignerHash", "Timestamp")
 _OBSERVATION_AT = [COLUMN_NAMES.index(c) for c in OBSERVATION_COLUMNS]
 _REPORT_ID_AT = COLUMN_NAMES.index("ReportId")
+_COLUMNS_SQL = ", ".join(f'"{c}"' for c in COLUMN_NAMES)
+_MARKS_SQL = ", ".join("?" for _ in COLUMN_NAMES)
+# A new observation is stored; one already stored is left (DO NOTHING on that index alone: any other
+# conflict, such as a ReportId taken, is a fault, never a silent drop).
+_INSERT_NEW_ROW = (
+    f"INSERT INTO cert_rows ({_COLUMNS_SQL}) VALUES ({_MARKS_SQL}) ON CONFLICT ({OBSERVATION_EXPRS}) DO NOTHING"
+)
+_INSERT_OR_IGNORE_ROW = f"INSERT OR IGNORE INTO cert_rows ({_COLUMNS_SQL}) VALUES ({_MARKS_SQL})"
+_LOOKUP_ROW = f'SELECT "ReportId" FROM cert_rows WHERE {OBSERVATION_WHERE}'
 
 
 def _ddl() -> list[str]:
@@ -343,9 +352,7 @@ def _decode(value: Any) -> Any:
 
 
 def facts_from_json(text: str) -> FileFacts:
-    from agent.extract.authenticode import FileFacts, SignatureFacts
-    from agent.extract.certinfo import CertIdentity
-    from agent.extract.versioninfo import VersionInfo
+    from agent.extract.facts import CertIdentity, FileFacts, SignatureFacts, VersionInfo  # not signify
 
     raw = json.loads(text)
     sigs = []
@@ -364,30 +371,50 @@ def facts_from_json(text: str) -> FileFacts:
 # --- row values <-> SQLite
 
 
-def _to_sql(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    kind = COLUMN_TYPES[name]
-    if kind == "datetime":
-        return value.astimezone(dt.UTC).isoformat()
-    if kind == "bool":
-        return int(bool(value))
-    if isinstance(value, str):  # a path may hold undecodable bytes: stored exactly (agent.textenc)
-        return to_db(value)
-    return value
+def _datetime_to_sql(value: Any) -> str:
+    return str(value.astimezone(dt.UTC).isoformat())
 
 
-def _from_sql(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    kind = COLUMN_TYPES[name]
-    if kind == "datetime":
-        return dt.datetime.fromisoformat(value)
-    if kind == "bool":
-        return bool(value)
-    if isinstance(value, bytes):
-        return from_db(value)
-    return value
+def _bool_to_sql(value: Any) -> int:
+    return int(bool(value))
+
+
+def _value_to_sql(value: Any) -> Any:
+    # a path may hold undecodable bytes: stored exactly (agent.textenc); ASCII needs no check
+    return (value if value.isascii() else to_db(value)) if isinstance(value, str) else value
+
+
+_TO_SQL: dict[str, Callable[[Any], Any]] = {"datetime": _datetime_to_sql, "bool": _bool_to_sql}
+_TO_SQL.update({kind: _value_to_sql for kind in set(COLUMN_TYPES.values()) - set(_TO_SQL)})
+# perf (ingest, issue 12): one converter per column in COLUMN_NAMES order, looked up once
+# json.dumps(ev, ensure_ascii=False, default=str) without building an encoder for every hit
+_evidence_json = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_ROW_TO_SQL = tuple((name, _TO_SQL[COLUMN_TYPES[name]]) for name in COLUMN_NAMES)
+
+
+def _row_values(row: Mapping[str, Any]) -> list[Any]:
+    """The row's values in COLUMN_NAMES order, as SQLite stores them (None stays NULL)."""
+    get = row.get
+    return [None if (v := get(name)) is None else convert(v) for name, convert in _ROW_TO_SQL]
+
+
+_FROM_SQL: dict[str, Callable[[Any], Any]] = {"datetime": dt.datetime.fromisoformat, "bool": bool}
+# perf (hunt, issue 12): the row built by dict(zip()) at C speed, then only the columns that need
+# it converted; any other column may hold the raw bytes of a path with undecodable bytes (textenc)
+_CONVERTED_COLUMNS = tuple((n, _FROM_SQL[COLUMN_TYPES[n]]) for n in COLUMN_NAMES if COLUMN_TYPES[n] in _FROM_SQL)
+_PLAIN_COLUMNS = tuple(n for n in COLUMN_NAMES if COLUMN_TYPES[n] not in _FROM_SQL)
+
+
+def _row_from_sql(values: Sequence[Any]) -> dict[str, Any]:
+    row = dict(zip(COLUMN_NAMES, values, strict=True))
+    for name, convert in _CONVERTED_COLUMNS:
+        value = row[name]
+        if value is not None:
+            row[name] = convert(value)
+    for name in _PLAIN_COLUMNS:
+        if row[name].__class__ is bytes:
+            row[name] = from_db(row[name])
+    return row
 
 
 def _schema_version(db: _Connection, path: Path) -> int | None:
@@ -587,26 +614,24 @@ class Store:
         SHA256, SignatureIndex, SignerHash, Timestamp) is already stored, as in a retried batch, takes the stored
         row's ReportId and is not stored again. Mutates rows in place."""
         self._commit_if_due()
-        cols = ", ".join(f'"{c}"' for c in COLUMN_NAMES)
-        marks = ", ".join("?" for _ in COLUMN_NAMES)
-        insert = f"INSERT INTO cert_rows ({cols}) VALUES ({marks})"  # a conflict is a fault, never a silent drop
-        lookup = f'SELECT "ReportId" FROM cert_rows WHERE {OBSERVATION_WHERE}'
         next_id: dict[str, int] = {}
+        execute = self.db.execute
         for row in rows:
-            values = [_to_sql(c, row.get(c)) for c in COLUMN_NAMES]
+            values = _row_values(row)
             if row.get("ReportId") is not None:  # carries its own (an import): stored as it is, once
-                self.db.execute(insert.replace("INSERT", "INSERT OR IGNORE", 1), values)
+                execute(_INSERT_OR_IGNORE_ROW, values)
                 continue
             device_id = row["DeviceId"]
-            existing = self.db.execute(lookup, [values[i] for i in _OBSERVATION_AT]).fetchone()
-            if existing is not None:
-                row["ReportId"] = existing[0]
-                continue
             if device_id not in next_id:
                 next_id[device_id] = self._next_report_id(device_id)
-            row["ReportId"] = values[_REPORT_ID_AT] = next_id[device_id]
-            self.db.execute(insert, values)
-            next_id[device_id] += 1
+            values[_REPORT_ID_AT] = next_id[device_id]
+            # perf: one statement for a new row; only a stored observation (a retried batch) is looked up
+            if execute(_INSERT_NEW_ROW, values).rowcount == 1:
+                row["ReportId"] = next_id[device_id]
+                next_id[device_id] += 1
+                continue
+            existing = execute(_LOOKUP_ROW, [values[i] for i in _OBSERVATION_AT]).fetchone()
+            row["ReportId"] = existing[0]
         for device_id, following in next_id.items():
             self._raise_counter(device_id, "ReportId", following - 1)
 
@@ -614,7 +639,7 @@ class Store:
         cols = ", ".join(f'"{c}"' for c in COLUMN_NAMES)
         sql = f'SELECT {cols} FROM cert_rows {("WHERE " + where) if where else ""} ORDER BY "DeviceId", "ReportId"'
         for values in self.db.execute(sql, tuple(params)):
-            yield {c: _from_sql(c, v) for c, v in zip(COLUMN_NAMES, values, strict=True)}
+            yield _row_from_sql(values)
 
     # --- hits
     def insert_hits(self, hits: Iterable[tuple[str, int, str, str, list[dict[str, Any]], str | None]]) -> None:
@@ -622,10 +647,7 @@ class Store:
         self.db.executemany(
             "INSERT OR IGNORE INTO hits (device_id, report_id, rule_id, rule_name, evidence, excluded_by) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (d, r, rid, name, json.dumps(ev, ensure_ascii=False, default=str), excl)
-                for d, r, rid, name, ev, excl in hits
-            ],
+            [(d, r, rid, name, _evidence_json(ev), excl) for d, r, rid, name, ev, excl in hits],
         )
 
     def excluded_hits(self) -> dict[tuple[str, int], set[str]]:

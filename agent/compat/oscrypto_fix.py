@@ -18,9 +18,7 @@ unchanged. Nothing else in oscrypto is touched.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
-import importlib.util
 import logging
 import sys
 from types import ModuleType
@@ -48,7 +46,9 @@ def patch_source(source: str) -> str | None:
     return source.replace(OLD_PATTERN, NEW_PATTERN)
 
 
-class _VersionRegexLoader(importlib.abc.Loader):
+# The finder and loader follow the import protocols without the importlib.abc base classes:
+# importing importlib.abc pulls in importlib.resources and tempfile, ~5 ms of every start-up.
+class _VersionRegexLoader:
     def __init__(self, original: importlib.machinery.SourceFileLoader, fullname: str) -> None:
         self._original = original
         self._fullname = fullname
@@ -68,7 +68,7 @@ class _VersionRegexLoader(importlib.abc.Loader):
         exec(code, module.__dict__)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
         if fullname not in PATCHED_MODULES:
             return None

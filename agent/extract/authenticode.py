@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,19 +42,16 @@ from signify.x509.context import CombinedCertificateStore
 
 from agent.compat import signify_speedups
 from agent.extract import limits, sniff
-from agent.extract.certinfo import CertIdentity, parse_certificate
+from agent.extract.certinfo import parse_certificate
+from agent.extract.facts import MALFORMED_CERTIFICATE, NOT_VERIFIED, TIMEOUT, FileFacts, SignatureFacts
 from agent.extract.limits import MAX_CERT_TABLE_SIZE, MAX_CERTIFICATES, MAX_SIGNATURES, CapExceeded, Caps
-from agent.extract.versioninfo import VersionInfo, read_signed_version_info
+from agent.extract.versioninfo import read_signed_version_info
 
 signify_speedups.install()
 
 log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
-
-NOT_VERIFIED = "NOT_VERIFIED"
-TIMEOUT = "TIMEOUT"  # verification status of a signature whose file ran out of time
-MALFORMED_CERTIFICATE = "MALFORMED_CERTIFICATE"  # a chain certificate breaks RFC 5280 4.1.1.2
 
 CHAIN_CACHE_ENTRIES = 512  # distinct (certificate, offered chain, usage, moment class) outcomes
 MAX_ERROR_TEXT = 2000  # characters of a verification error kept (names in it are attacker-chosen)
@@ -63,35 +60,6 @@ MAX_ERROR_TEXT = 2000  # characters of a verification error kept (names in it ar
 def _error_text(exc: BaseException | None) -> str:
     text = str(exc) if exc is not None else ""
     return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "..."
-
-
-@dataclass(frozen=True)
-class SignatureFacts:
-    index: int  # position among the file's signatures, nested ones included (0 = primary)
-    signer: CertIdentity
-    issuer_hash: str  # thumbprint of the issuing CA certificate if the signature carries it
-    program_name: str
-    countersignature_time: dt.datetime | None
-    digest_algorithm: str
-    digest_valid: bool | None  # None: not checked (hash not computed, or ran out of time)
-    verification_status: str  # signify's AuthenticodeVerificationResult name, NOT_VERIFIED, TIMEOUT, ...
-    verification_error: str
-    is_trusted: bool | None  # None: unknown (the file's time budget ran out before verification)
-    is_root_microsoft: bool
-    signature_type: str = "Embedded"
-
-
-@dataclass(frozen=True)
-class FileFacts:
-    status: str  # one of agent.schema.FILE_STATUSES
-    kind: str  # PE, MSI or "" (not a PE/MSI)
-    size: int
-    detail: str = ""  # why: the parse error, the kind of special file, ...
-    sha1: str = ""
-    sha256: str = ""
-    signatures: tuple[SignatureFacts, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
-    version_info: VersionInfo = field(default=VersionInfo())  # signed VS_VERSIONINFO / MSI summary
 
 
 class ExtractTimeout(BaseException):

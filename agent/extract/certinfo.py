@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
-from datetime import datetime
 
 from asn1crypto import x509 as asn1_x509
+
+from agent.extract.facts import CertIdentity
 
 # Windows CERT_NAME_SIMPLE_DISPLAY_TYPE walks these attributes in this order and takes the
 # first one present (CertGetNameString, wincrypt.h): CN, OU, O, then the RSA email OID.
@@ -30,21 +30,6 @@ _RFC4514_NAMES = {
     "0.9.2342.19200300.100.1.25": "DC",
     "0.9.2342.19200300.100.1.1": "UID",
 }
-
-
-@dataclass(frozen=True)
-class CertIdentity:
-    """What a row needs to know about one certificate."""
-
-    display_name: str  # Signer / Issuer style simple display name of the subject
-    subject: str  # RFC 4514
-    issuer_display_name: str
-    issuer: str  # RFC 4514
-    sha1: str  # thumbprint of the DER, lowercase hex
-    serial_number: str  # lowercase hex, no separators
-    not_before: datetime
-    not_after: datetime
-    crl_urls: tuple[str, ...]
 
 
 def _attribute_text(value: object) -> str:

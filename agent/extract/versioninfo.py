@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import pefile
+
+from agent.extract.facts import VersionInfo
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,6 @@ _KEYS = {
     "InternalName": "internal_file_name",
     "FileDescription": "file_description",
 }
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """The six version strings, named after Defender's ``ProcessVersionInfo*`` columns ("" when absent)."""
-
-    company_name: str = ""
-    product_name: str = ""
-    product_version: str = ""
-    original_file_name: str = ""
-    internal_file_name: str = ""
-    file_description: str = ""
 
 
 EMPTY = VersionInfo()

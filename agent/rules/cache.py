@@ -16,7 +16,6 @@ import os
 import pickle
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +84,8 @@ def load_cached(directory: Path | None, key: str) -> Any | None:
 def store_cached(directory: Path | None, key: str, value: Any) -> None:
     if directory is None:
         return
+    import tempfile  # only when the cache is written
+
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         data = pickle.dumps((key, value), protocol=pickle.HIGHEST_PROTOCOL)

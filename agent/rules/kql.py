@@ -30,8 +30,8 @@ else raises KqlError at parse time with the line and column of the offending tok
 
 Besides the agreed API, Query exposes `output_columns` (names after the last stage),
 `has_summarize`, `row_level` (every stage looks at one row) and `anchors` (agent.rules.index).
-Queries compare equal when their text is equal. A Query pickles as its parsed form and is compiled
-again when unpickled (agent.rules.cache keeps parsed rules between runs).
+Queries compare equal when their text is equal. A Query pickles as its parsed form and anchors and
+is compiled again on its first use after unpickling (agent.rules.cache keeps parsed rules between runs).
 """
 
 from __future__ import annotations
@@ -105,25 +105,34 @@ class Query:
     anchors: Anchors | None
 
     def __init__(self, parsed: ParsedQuery) -> None:
+        self._derive(parsed)
+        self.anchors = anchor_terms(parsed, _BASE_COLUMNS)  # see agent.rules.index
+        self._compile()  # a new query is compiled at once: what cannot compile fails here
+
+    def _derive(self, parsed: ParsedQuery, string_patterns: tuple[tuple[str, str, str], ...] | None = None) -> None:
         self._parsed = parsed
         self.text = parsed.text
         self.columns_used = parsed.columns_used
-        self.string_patterns = _string_patterns(parsed)
+        self.string_patterns = _string_patterns(parsed) if string_patterns is None else string_patterns
         self.output_columns = tuple(name for name, _ in parsed.output_columns)
         self.has_summarize = any(isinstance(stage, SummarizeStage) for stage in parsed.stages)
         self.row_level = _row_level(parsed)
-        self.anchors = anchor_terms(parsed, _BASE_COLUMNS)  # see agent.rules.index
-        stages, slot_fns = compile_stages(parsed.stages)
-        self._stages = stages
+        self._stages: tuple[Any, ...] | None = None
+        self._env_cache: Env | None = None
+
+    def _compile(self) -> None:
+        stages, slot_fns = compile_stages(self._parsed.stages)
         self._row_stages: tuple[RowStep, ...] = plan_row_stages(stages)
         self._slot_fns: tuple[ValueFn, ...] = slot_fns
-        self._env_cache: Env | None = None
+        self._stages = stages  # last: another thread that sees it sees the rest
 
     def __repr__(self) -> str:
         return f"Query({self.text!r})"
 
-    def __reduce__(self) -> tuple[Any, ...]:  # the compiled closures are rebuilt from the parse
-        return (Query, (self._parsed,))
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The parse, its anchors and patterns; the compiled closures are rebuilt on first use, so a
+        # run that loads cached rules and evaluates no row never compiles them (start-up, issue 12).
+        return (_unpickle_query, (self._parsed, self.anchors, self.string_patterns))
 
     def __eq__(self, other: object) -> bool:  # the same text is the same query
         return isinstance(other, Query) and other.text == self.text
@@ -137,6 +146,8 @@ class Query:
         cached = self._env_cache
         if cached is not None and cached.now == now:
             return cached
+        if self._stages is None:
+            self._compile()
         slots: list[Any] = []
         env = Env(now, slots)
         for fn in self._slot_fns:  # in dependency order: a slot only reads earlier slots
@@ -150,11 +161,23 @@ class Query:
         None if the row is filtered out; otherwise the evidence of the leaf predicates that made it
         pass (empty if the query has no where before its summarize).
         """
-        return filter_one(self._row_stages, row, self._env(now))
+        env = self._env(now)  # compiles a query restored from the cache
+        return filter_one(self._row_stages, row, env)
 
     def run(self, rows: Iterable[Mapping[str, Any]], *, now: datetime) -> list[dict[str, Any]]:
         """Run the whole pipeline. make_set values are sorted lists."""
-        return run_stages(self._stages, rows, self._env(now))
+        env = self._env(now)
+        assert self._stages is not None
+        return run_stages(self._stages, rows, env)
+
+
+def _unpickle_query(
+    parsed: ParsedQuery, anchors: Anchors | None, string_patterns: tuple[tuple[str, str, str], ...]
+) -> Query:
+    query = Query.__new__(Query)
+    query._derive(parsed, string_patterns)
+    query.anchors = anchors
+    return query
 
 
 def parse_query(text: str) -> Query:

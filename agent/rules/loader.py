@@ -21,11 +21,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from agent.rules.kql import KqlError, Query, parse_query
+
+if TYPE_CHECKING:
+    import yaml
 
 __all__ = ["Rule", "RuleProblem", "RuleSet", "load_rules", "check_rule_file", "parse_rule", "parse_attribution"]
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 MAX_RULE_FILE_BYTES = 1 << 20
 RULE_SUFFIXES = (".yaml", ".yml")
 _TOOL_FROM_NAME = re.compile(r"^\s*Remote Management and Mon(?:it|ti)oring tool - (?P<tool>.+?) - File Signature\s*$")
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,11 @@ def _read_text(path: Path) -> str:
 
 def _compose(text: str) -> tuple[yaml.Node | None, Any]:
     """The YAML node tree and the constructed data; raises _Problem for YAML errors."""
-    loader = _Loader(text)
+    # yaml is imported here, not at start-up: a scan whose rules come from the compiled-rules
+    # cache reads no YAML at all (issue 12)
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -138,6 +142,8 @@ def _position(node: yaml.Node) -> tuple[int, int]:
 
 
 def _top_level(node: yaml.Node | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    import yaml
+
     if not isinstance(node, yaml.MappingNode):
         line, column = _position(node) if node is not None else (1, 1)
         raise _Problem(line, column, "a rule file must be a YAML mapping")
@@ -201,6 +207,8 @@ def tool_from_name(name: str) -> str:
 
 
 def _parse_rule(text: str, path: str) -> tuple[Rule, tuple[int, int]]:
+    import yaml
+
     node, data = _compose(text)
     keys = _top_level(node)
     assert isinstance(data, dict)
@@ -285,6 +293,8 @@ def check_rule_file(path: Path) -> list[RuleProblem]:
 
 def parse_attribution(text: str, path: str) -> tuple[dict[str, _Attribution], list[RuleProblem]]:
     """Parse an attribution file: a mapping of rule id -> {tool: str, shared_with: [str, ...]}."""
+    import yaml
+
     try:
         node, data = _compose(text)
     except _Problem as problem:

@@ -83,6 +83,18 @@ def test_frozen_version_and_rules_list(binary, no_python_env):
     assert {PULSEWAY, DWSERVICE} <= ids and len(ids) > 100
 
 
+def test_frozen_every_command_module_loads(binary, no_python_env, tmp_path):
+    """agent.cli imports each command's module by name when it runs (start-up): the spec must bundle them."""
+    from agent.cli import MODULE_COMMANDS
+
+    for names in MODULE_COMMANDS.values():
+        for name in names:
+            out = run(binary, no_python_env, name, "--help")
+            assert out.returncode == 0 and f"rmmhunt {name}" in out.stdout, (name, out.stderr[-2000:])
+    out = run(binary, no_python_env, "config", "show", "--format", "json", "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 0 and json.loads(out.stdout)["results"], out.stderr
+
+
 def test_frozen_scan_of_the_fixtures(binary, no_python_env, tmp_path):
     out = run(binary, no_python_env, "scan", str(FIXTURES), "--format", "json", "--state-dir", str(tmp_path / "s"))
     assert out.returncode == 1, out.stderr
