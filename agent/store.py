@@ -781,17 +781,21 @@ class Store:
 
     def queue_outbox(self, rows: Sequence[dict[str, Any]], hit_keys: set[tuple[str, int]]) -> None:
         """Queue new rows for the collector: those in ``hit_keys`` ((DeviceId, ReportId) with a rule
-        hit not excluded), or every row when the policy is ``all``."""
+        hit not excluded) or with an excluded hit, or every row when the policy is ``all``. Each
+        carries its excluded hits (RuleExclusions): the collector keeps them out of fleet hunts
+        unless asked, as ``hunt --include-excluded`` here."""
         policy = self.outbox_policy()
         if policy is None or not rows:
             return
         from agent.transport.outbox import encode_entry
 
         forward, max_bytes = policy
+        excluded = self._excluded_pairs(rows)  # forwarded, so the collector excludes the same hits
         entries = []
         for row in rows:
-            if forward == "all" or (row["DeviceId"], row["ReportId"]) in hit_keys:
-                payload = encode_entry(row)
+            key = (row["DeviceId"], row["ReportId"])
+            if forward == "all" or key in hit_keys or key in excluded:
+                payload = encode_entry(row, excluded.get(key))
                 entries.append((row["DeviceId"], row["ReportId"], payload, len(payload.encode("utf-8"))))
         if not entries:
             return
@@ -799,6 +803,22 @@ class Store:
         self._add_counter("", "outbox_bytes", sum(e[3] for e in entries))
         if max_bytes > 0 and self.counter("", "outbox_bytes") > max_bytes:
             self._outbox_trim(max_bytes)
+
+    def _excluded_pairs(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, str]]:
+        """(DeviceId, ReportId) -> {rule id: exclusion id} of the rows' excluded hits (one range
+        query per device: a batch of rows is consecutive)."""
+        out: dict[tuple[str, int], dict[str, str]] = {}
+        by_device: dict[str, list[int]] = {}
+        for row in rows:
+            by_device.setdefault(row["DeviceId"], []).append(row["ReportId"])
+        sql = (
+            "SELECT report_id, rule_id, excluded_by FROM hits WHERE device_id=? AND report_id BETWEEN ? AND ? "
+            "AND excluded_by IS NOT NULL"
+        )
+        for device_id, ids in by_device.items():
+            for report_id, rule_id, excluded_by in self.db.execute(sql, (device_id, min(ids), max(ids))):
+                out.setdefault((device_id, report_id), {})[rule_id] = excluded_by
+        return out
 
     def _outbox_trim(self, max_bytes: int) -> None:
         excess = self.counter("", "outbox_bytes") - max_bytes

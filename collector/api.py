@@ -195,12 +195,16 @@ def create_app(collector: Collector, secrets: Secrets, limits: Limits | None = N
     # --- query API
 
     @app.get("/api/v1/hunts", responses={401: {"description": "API token required"}})
-    async def get_hunts(request: Request, rule: str | None = None) -> JSONResponse:
+    async def get_hunts(request: Request, rule: str | None = None, include_excluded: bool = False) -> JSONResponse:
+        """Every rule fleet-wide. Hits the agents excluded are left out unless ``include_excluded``."""
         require_token(request)
-        results = await run_in_threadpool(collector.hunt, rule_ids=[rule] if rule else None)
+        results = await run_in_threadpool(
+            lambda: collector.hunt(rule_ids=[rule] if rule else None, include_excluded=include_excluded)
+        )
         return JSONResponse(
             plain(
                 {
+                    "include_excluded": include_excluded,
                     "ruleset_version": collector.hits_ruleset() or collector.ruleset,
                     "loaded_ruleset_version": collector.ruleset,
                     "reevaluating": collector.reevaluating,
@@ -210,14 +214,22 @@ def create_app(collector: Collector, secrets: Secrets, limits: Limits | None = N
         )
 
     @app.get("/api/v1/hunts/{rule_id}", responses={401: {"description": "API token required"}, 404: {}})
-    async def get_hunt(request: Request, rule_id: str, limit: int = 1000) -> JSONResponse:
+    async def get_hunt(
+        request: Request, rule_id: str, limit: int = 1000, include_excluded: bool = False
+    ) -> JSONResponse:
+        """One rule with its drill-down rows; with ``include_excluded`` also the hits agents excluded
+        (each row then has ExcludedBy: the exclusion id, or null)."""
         require_token(request)
         if rule_id not in {r.id for r in collector.rules}:
             raise HTTPException(status_code=404, detail="unknown rule id")
         now = dt.datetime.now(dt.UTC)
         limit = max(1, min(limit, 10000))
-        results = await run_in_threadpool(collector.hunt, now=now, rule_ids=[rule_id])
-        rows = await run_in_threadpool(lambda: collector.rule_rows(rule_id, now=now, limit=limit))
+        results = await run_in_threadpool(
+            lambda: collector.hunt(now=now, rule_ids=[rule_id], include_excluded=include_excluded)
+        )
+        rows = await run_in_threadpool(
+            lambda: collector.rule_rows(rule_id, now=now, limit=limit, include_excluded=include_excluded)
+        )
         out = []
         for r in results:
             rec = result_record(r)
@@ -230,7 +242,8 @@ def create_app(collector: Collector, secrets: Secrets, limits: Limits | None = N
                 and (not isinstance(report, list) or row["ReportId"] in report)
             ]
             out.append(rec)
-        return JSONResponse(plain({"ruleset_version": collector.hits_ruleset() or collector.ruleset, "results": out}))
+        version = collector.hits_ruleset() or collector.ruleset
+        return JSONResponse(plain({"include_excluded": include_excluded, "ruleset_version": version, "results": out}))
 
     @app.get("/api/v1/devices", responses={401: {"description": "API token required"}})
     async def get_devices(request: Request) -> JSONResponse:

@@ -30,6 +30,8 @@ class CollectorError(Exception):
 
 
 def add_parser(sub: Any) -> None:
+    """``rmmhunt collector ...``. The agent imports this module (importlib, agent.cli
+    MODULE_COMMANDS) only when the collector command runs or the whole parser is needed."""
     from agent.cli import _format_options as format_options
     from agent.cli import _global_options as global_options
 
@@ -55,6 +57,7 @@ def add_parser(sub: Any) -> None:
     q = add("hunt", "fleet-wide hunt results from the collector's database")
     q.add_argument("--rule", action="append", metavar="ID", help="only this rule id (repeatable)")
     format_options(q, views=True)  # --format, --out, --view and --rows, as the agent's hunt
+    q.add_argument("--include-excluded", action="store_true", help="also count hits the agents' exclusions removed")
     q = add("devices", "list devices, or revoke one's node key")
     dsub = q.add_subparsers(dest="devices_command", metavar="ACTION")
     dsub.required = True
@@ -253,14 +256,14 @@ def cmd_hunt(args: argparse.Namespace) -> int:
             if unknown:
                 raise CollectorError(f"unknown rule id(s): {', '.join(sorted(unknown))}")
         now = dt.datetime.now(dt.UTC)
-        fleet = collector.hunt(now=now, rule_ids=args.rule)
+        fleet = collector.hunt(now=now, rule_ids=args.rule, include_excluded=args.include_excluded)
         results = []
         rows_of: dict[str, list[dict[str, Any]]] = {}
         for r in fleet:
             behind: tuple[dict[str, Any], ...] = ()
             if args.rows:
                 if r.rule.id not in rows_of:
-                    rows_of[r.rule.id] = collector.rule_rows(r.rule.id, now=now)
+                    rows_of[r.rule.id] = collector.rule_rows(r.rule.id, now=now, include_excluded=args.include_excluded)
                 report = r.result.get("Report")
                 behind = tuple(
                     row
@@ -303,3 +306,10 @@ def run(args: argparse.Namespace) -> int:
     except CollectorError as exc:
         print(f"rmmhunt: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m collector ...``, the same as ``rmmhunt collector ...``."""
+    from agent.cli import main as agent_main
+
+    return agent_main(["collector", *(sys.argv[1:] if argv is None else argv)])

@@ -8,10 +8,13 @@ version; ``check_schema`` refuses to start when a schema column has no migration
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
+import operator
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,11 +25,33 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from agent.rules.kql_parser import (
+    Ago,
+    And,
+    Arith,
+    Call,
+    Column,
+    Compare,
+    Const,
+    EmptyTest,
+    Expr,
+    Neg,
+    Not,
+    Now,
+    Or,
+    WhereStage,
+)
 from agent.rules.loader import Rule
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
+from agent.transport.outbox import RULE_EXCLUSIONS
 from collector.fleetplan import FleetPlan, RuleIndex, SqlSummarize, apply_post, parse_fleet_plan, window_range
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite collectors there run alone
+    fcntl = None  # type: ignore[assignment]
 
 #: version -> row columns that version adds (ALTER TABLE ADD COLUMN). Version 1 creates the
 #: table with every agent.schema column not listed here.
@@ -90,6 +115,28 @@ hits = sa.Table(
     sa.Column("evidence", sa.Text, nullable=False),
     sa.Index("hits_device", "device_id", "report_id"),
 )
+# Migration 2: the agent's exclusions, forwarded per row (rule id -> exclusion id), and the hits
+# they exclude. Excluded hits live apart from ``hits`` so that every default view (hunts, the
+# dashboard) leaves them out with no extra condition; hunts add them on request.
+row_exclusions = sa.Table(
+    "row_exclusions",
+    metadata,
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("report_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("rule_id", sa.String(128), primary_key=True),
+    sa.Column("exclusion_id", sa.Text, nullable=False),
+)
+excluded_hits = sa.Table(
+    "excluded_hits",
+    metadata,
+    sa.Column("ruleset", sa.String(64), primary_key=True),
+    sa.Column("rule_id", sa.String(128), primary_key=True),
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("report_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("evidence", sa.Text, nullable=False),
+    sa.Column("exclusion_id", sa.Text, nullable=False),
+    sa.Index("excluded_hits_device", "device_id", "report_id"),
+)
 
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:
@@ -150,10 +197,23 @@ def _add_columns(names: Sequence[str]) -> Callable[[Connection], None]:
     return run
 
 
+def _migration_2(conn: Connection) -> None:
+    for table in (row_exclusions, excluded_hits):
+        table.create(conn, checkfirst=True)
+
+
+#: version -> a step other than adding row columns. Versions are shared with ADDED_ROW_COLUMNS:
+#: the next row column goes under version 3.
+TABLE_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migration_1, 2: _migration_2}
+
+
 def migrations() -> list[tuple[int, Callable[[Connection], None]]]:
-    steps: list[tuple[int, Callable[[Connection], None]]] = [(1, _migration_1)]
-    steps.extend((version, _add_columns(cols)) for version, cols in sorted(ADDED_ROW_COLUMNS.items()))
-    return steps
+    clash = set(TABLE_MIGRATIONS) & set(ADDED_ROW_COLUMNS)
+    if clash:
+        raise SchemaError(f"migration version(s) {sorted(clash)} used twice")
+    steps: list[tuple[int, Callable[[Connection], None]]] = list(TABLE_MIGRATIONS.items())
+    steps.extend((version, _add_columns(cols)) for version, cols in ADDED_ROW_COLUMNS.items())
+    return sorted(steps, key=lambda step: step[0])
 
 
 class SchemaError(Exception):
@@ -206,6 +266,104 @@ def load_ruleset_version(rules: Sequence[Rule]) -> str:
     return digest.hexdigest()[:16]
 
 
+#: the PostgreSQL advisory lock of re-evaluation (any fixed 64-bit number; this one names it)
+REEVAL_LOCK_KEY = int.from_bytes(hashlib.sha256(b"rmmhunt-collector-reevaluate").digest()[:8], "big", signed=True)
+
+
+_MISSING = object()
+_PURE_NODES = (Const, Column, Arith, Neg, Not, And, Or, Compare, Call, EmptyTest)
+#: columns whose values rarely repeat: a filter reading one of them is not worth memoising
+_UNIQUE_COLUMNS = frozenset({"FolderPath", "SHA1", "SHA256", "ReportId", "Timestamp", "FileSize", "SignerHash"})
+
+
+def memo_columns(plan: FleetPlan) -> tuple[str, ...] | None:
+    """The row columns a plan's ingest filter reads, when its result is a function of those values
+    alone: only ``where`` stages, no now()/ago(), only base columns, none that is nearly unique
+    per row. None: evaluate every row."""
+    parsed = getattr(plan.ingest, "_parsed", None)
+    if parsed is None or not parsed.stages:
+        return None
+    columns: set[str] = set()
+
+    def pure(node: Any) -> bool:
+        if isinstance(node, Column):
+            columns.add(node.name)
+            return True
+        if isinstance(node, (Now, Ago)) or not isinstance(node, _PURE_NODES):
+            return False
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            items = value if isinstance(value, tuple) else (value,)
+            if not all(pure(v) for v in items if isinstance(v, Expr)):
+                return False
+        return True
+
+    for stage in parsed.stages:
+        if not isinstance(stage, WhereStage) or not pure(stage.predicate):
+            return None
+    if not columns or not columns <= set(COLUMN_NAMES) or columns & _UNIQUE_COLUMNS:
+        return None
+    return tuple(sorted(columns))
+
+
+def _evidence_text(plan: FleetPlan, row: Mapping[str, Any], now: dt.datetime) -> str | None:
+    """The hit's evidence as stored (JSON), or None when the row does not pass the ingest filter."""
+    evidence = plan.ingest.filter_row(row, now=now)
+    if evidence is None:
+        return None
+    return json.dumps(
+        [{"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern} for e in evidence],
+        ensure_ascii=False,
+        default=str,
+    )
+
+
+class ReevalLock:
+    """Only one collector re-evaluates a database at a time (several stateless collectors share one
+    PostgreSQL). PostgreSQL: a session advisory lock (pg_try_advisory_lock) on a connection held
+    for the re-evaluation, released by the server if that collector dies. SQLite: an exclusive
+    flock on ``<database>.reeval-lock`` beside the file, released by the kernel likewise."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self.engine.dialect.name == "postgresql":
+            conn = self.engine.connect()
+            got = bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": REEVAL_LOCK_KEY}).scalar())
+            conn.commit()  # the lock is the session's: it outlives this transaction
+            if got:
+                self._conn = conn
+            else:
+                conn.close()
+            return got
+        database = self.engine.url.database
+        if not database or database == ":memory:" or fcntl is None:  # nobody else can share it
+            return True
+        fd = os.open(database + ".reeval-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": REEVAL_LOCK_KEY})
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 @dataclass(frozen=True)
 class FleetResult:
     rule: Rule
@@ -231,6 +389,12 @@ class Collector:
         self.index = RuleIndex(self.plans)
         self.ruleset = load_ruleset_version(self.rules)
         self._reeval: threading.Thread | None = None
+        # ingest filters whose result depends only on a few row values (signers repeat across a
+        # fleet): their evidence text is memoised by those values. Measured on SQLite, 100% RMM rows:
+        # filters and evidence 29 -> 9 us/row, the whole ingest 94 -> 66 us of CPU per row
+        self._memo_columns = {id(p): cols for p in self.plans if (cols := memo_columns(p)) is not None}
+        self._memo: dict[tuple[Any, ...], Any] = {}
+        self.reevaluated = False  # True once this collector (not another one) re-evaluated the stored rows
         self._stop = threading.Event()
         for plan in self.plans:
             if plan.sql is None:
@@ -270,10 +434,31 @@ class Collector:
                 self._set_meta(conn, "hits_ruleset", self.ruleset)
                 return
         if background:
-            self._reeval = threading.Thread(target=self.reevaluate, name="rmmhunt-reevaluate", daemon=True)
+            self._reeval = threading.Thread(target=self._reevaluate_once, name="rmmhunt-reevaluate", daemon=True)
             self._reeval.start()
         else:
-            self.reevaluate()
+            self._reevaluate_once()
+
+    def _reevaluate_once(self, poll: float = 2.0) -> None:
+        """Re-evaluate unless another collector on the same database does it: wait for the
+        re-evaluation lock, then re-check (the holder may have brought the hits to this rule set)."""
+        lock = ReevalLock(self.engine)
+        waiting = False
+        while not self._stop.is_set():
+            if lock.try_acquire():
+                try:
+                    if self.hits_ruleset() == self.ruleset:
+                        log.info("rule set %s already in force (another collector re-evaluated)", self.ruleset)
+                    else:
+                        self.reevaluated = True
+                        self.reevaluate()
+                finally:
+                    lock.release()
+                return
+            if not waiting:
+                log.info("another collector is re-evaluating the stored rows; waiting for it")
+                waiting = True
+            self._stop.wait(poll)
 
     def reevaluate(self, page: int = 5000) -> None:
         """Re-run the ingest filters of the current rules over every stored row, then switch."""
@@ -286,6 +471,8 @@ class Collector:
                 query = query.where(sa.tuple_(cert_rows.c.DeviceId, cert_rows.c.ReportId) > sa.tuple_(*after))
             with self.engine.connect() as conn:
                 rows = [self._row_out(r) for r in conn.execute(query)]
+                if rows:
+                    self._attach_exclusions(conn, rows, after)
             if not rows:
                 break
             with self.engine.begin() as conn:
@@ -295,8 +482,26 @@ class Collector:
             return
         with self.engine.begin() as conn:
             conn.execute(sa.delete(hits).where(hits.c.ruleset != self.ruleset))
+            conn.execute(sa.delete(excluded_hits).where(excluded_hits.c.ruleset != self.ruleset))
             self._set_meta(conn, "hits_ruleset", self.ruleset)
         log.info("rule set %s in force", self.ruleset)
+
+    @staticmethod
+    def _attach_exclusions(conn: Connection, rows: list[dict[str, Any]], after: tuple[str, int] | None) -> None:
+        """Give a page of stored rows (ordered by key, after ``after``) their forwarded exclusions."""
+        key = sa.tuple_(row_exclusions.c.device_id, row_exclusions.c.report_id)
+        last = (rows[-1]["DeviceId"], rows[-1]["ReportId"])
+        query = sa.select(row_exclusions).where(key <= sa.tuple_(*last))
+        if after is not None:
+            query = query.where(key > sa.tuple_(*after))
+        pairs: dict[tuple[str, int], dict[str, str]] = {}
+        for device_id, report_id, rule_id, exclusion_id in conn.execute(query):
+            pairs.setdefault((device_id, report_id), {})[rule_id] = exclusion_id
+        if pairs:
+            for row in rows:
+                found = pairs.get((row["DeviceId"], row["ReportId"]))
+                if found:
+                    row[RULE_EXCLUSIONS] = found
 
     # --- devices
     def enroll(self, device_id: str, device_name: str) -> str | None:
@@ -364,32 +569,52 @@ class Collector:
         return out
 
     def _insert_hits(self, conn: Connection, rows: Sequence[dict[str, Any]], now: dt.datetime) -> int:
-        records = []
+        """Evaluate the rules the index names for each row and store the hits. A hit the agent
+        excluded (the row's forwarded RuleExclusions, or every hit of a row it marked Excluded)
+        goes to ``excluded_hits``: kept and visible on request, out of hunts by default.
+        Returns the hits stored, excluded or not."""
+        found: list[tuple[Any, ...]] = []
+        excluded: list[tuple[Any, ...]] = []
+        ruleset = self.ruleset
+        memo_columns, memo = self._memo_columns, self._memo
         for row in rows:
-            if row.get("Excluded"):
+            plans = self.index.candidates(row)
+            if not plans:
                 continue
-            for plan in self.index.candidates(row):
-                evidence = plan.ingest.filter_row(row, now=now)
-                if evidence is None:
+            forwarded = row.get(RULE_EXCLUSIONS) or {}
+            whole_row = (row.get("ExclusionId") or "agent") if row.get("Excluded") else None
+            for plan in plans:
+                columns = memo_columns.get(id(plan))
+                if columns is None:
+                    text = _evidence_text(plan, row, now)
+                else:
+                    key = (id(plan), *[row.get(c) for c in columns])
+                    text = memo.get(key, _MISSING)
+                    if text is _MISSING:
+                        text = _evidence_text(plan, row, now)
+                        if len(memo) >= 65_536:
+                            memo.clear()
+                        memo[key] = text
+                if text is None:
                     continue
-                records.append(
-                    {
-                        "ruleset": self.ruleset,
-                        "rule_id": plan.rule.id,
-                        "device_id": row["DeviceId"],
-                        "report_id": row["ReportId"],
-                        "evidence": json.dumps(
-                            [
-                                {"column": e.column, "value": e.value, "operator": e.operator, "pattern": e.pattern}
-                                for e in evidence
-                            ],
-                            ensure_ascii=False,
-                            default=str,
-                        ),
-                    }
-                )
-        _bulk_insert_ignore(conn, hits, records)
-        return len(records)
+                rule_id = plan.rule.id
+                exclusion = forwarded.get(rule_id) or whole_row
+                if exclusion is None:
+                    found.append((ruleset, rule_id, row["DeviceId"], row["ReportId"], text))
+                else:
+                    excluded.append((ruleset, rule_id, row["DeviceId"], row["ReportId"], text, exclusion))
+        _insert_tuples(conn, _plan(conn, hits), found)
+        _insert_tuples(conn, _plan(conn, excluded_hits), excluded)
+        return len(found) + len(excluded)
+
+    def _insert_row_exclusions(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """Keep the agent's (rule, exclusion) pairs of new rows, for re-evaluation under a new rule set."""
+        pairs = [
+            (row["DeviceId"], row["ReportId"], rule_id, exclusion_id)
+            for row in rows
+            for rule_id, exclusion_id in (row.get(RULE_EXCLUSIONS) or {}).items()
+        ]
+        _insert_tuples(conn, _plan(conn, row_exclusions), pairs)
 
     def ingest(
         self, rows: Sequence[dict[str, Any]], *, device_id: str | None = None, dropped_total: int | None = None
@@ -397,40 +622,26 @@ class Collector:
         """Store rows idempotently on (DeviceId, ReportId) and their rule hits, in one transaction.
         Rows already stored are left as they are (a retry never double-counts)."""
         now = _utcnow()
-        accepted = duplicates = hit_count = 0
-        keys = list(dict.fromkeys((r["DeviceId"], r["ReportId"]) for r in rows))
+        unique: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in rows:
+            unique.setdefault((r["DeviceId"], r["ReportId"]), r)
+        hit_count = 0
         with self.engine.begin() as conn:
-            existing: set[tuple[str, int]] = set()
-            key_cols = sa.tuple_(cert_rows.c.DeviceId, cert_rows.c.ReportId)
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                existing.update(
-                    (d, r)
-                    for d, r in conn.execute(
-                        sa.select(cert_rows.c.DeviceId, cert_rows.c.ReportId).where(key_cols.in_(chunk))
-                    )
-                )
-            fresh: dict[tuple[str, int], dict[str, Any]] = {}
-            for r in rows:
-                key = (r["DeviceId"], r["ReportId"])
-                if key not in existing and key not in fresh:
-                    fresh[key] = r
-            duplicates = len(rows) - len(fresh)
+            fresh = _insert_rows_new(conn, unique)
             if fresh:
-                _bulk_insert_ignore(conn, cert_rows, list(fresh.values()))
-                hit_count = self._insert_hits(conn, list(fresh.values()), now)
-            accepted = len(fresh)
+                hit_count = self._insert_hits(conn, fresh, now)
+                self._insert_row_exclusions(conn, fresh)
             if device_id is not None:
                 values: dict[str, Any] = {
                     "last_seen": _naive_utc(now),
-                    "rows_received": devices.c.rows_received + accepted,
+                    "rows_received": devices.c.rows_received + len(fresh),
                 }
                 if dropped_total is not None:
                     values["dropped_rows"] = sa.case(
                         (devices.c.dropped_rows < dropped_total, dropped_total), else_=devices.c.dropped_rows
                     )
                 conn.execute(sa.update(devices).where(devices.c.device_id == device_id).values(**values))
-        return IngestResult(accepted, duplicates, hit_count)
+        return IngestResult(len(fresh), len(rows) - len(fresh), hit_count)
 
     # --- reading rows
     def iter_rows(
@@ -458,8 +669,15 @@ class Collector:
             return int(conn.execute(sa.select(sa.func.count()).select_from(cert_rows)).scalar_one())
 
     # --- fleet hunts
-    def hunt(self, *, now: dt.datetime | None = None, rule_ids: Iterable[str] | None = None) -> list[FleetResult]:
-        """Every rule's summarize over the stored hits, computed by the database."""
+    def hunt(
+        self,
+        *,
+        now: dt.datetime | None = None,
+        rule_ids: Iterable[str] | None = None,
+        include_excluded: bool = False,
+    ) -> list[FleetResult]:
+        """Every rule's summarize over the stored hits, computed by the database. Hits the agent
+        excluded count only with ``include_excluded`` (as the agent's ``hunt --include-excluded``)."""
         now = now or _utcnow()
         wanted = set(rule_ids) if rule_ids is not None else None
         version = self.hits_ruleset() or self.ruleset
@@ -474,9 +692,9 @@ class Collector:
         out: list[FleetResult] = []
         with self.engine.connect() as conn:
             for group in groups.values():
-                out.extend(self._hunt_sql(conn, group, version, now))
+                out.extend(self._hunt_sql(conn, group, version, now, include_excluded))
             for plan in python_plans:
-                out.extend(self._hunt_python(conn, plan, version, now))
+                out.extend(self._hunt_python(conn, plan, version, now, include_excluded))
         order = {p.rule.id: i for i, p in enumerate(self.plans)}
         out.sort(key=lambda r: (order[r.rule.id], str(r.result.get("DeviceId", "")), str(r.result.get("DeviceName"))))
         return out
@@ -500,16 +718,30 @@ class Collector:
                 clauses.append(ts >= vals[0])
         return clauses
 
-    def _joined(self) -> Any:
-        return hits.join(
-            cert_rows, sa.and_(hits.c.device_id == cert_rows.c.DeviceId, hits.c.report_id == cert_rows.c.ReportId)
-        )
+    @staticmethod
+    def _hits_source(include_excluded: bool) -> Any:
+        """``hits``, or with ``include_excluded`` the union of hits and excluded hits (same columns,
+        plus exclusion_id: null for a hit nobody excluded)."""
+        if not include_excluded:
+            return hits
+        keep = ("ruleset", "rule_id", "device_id", "report_id", "evidence")
+        return sa.union_all(
+            sa.select(*[hits.c[n] for n in keep], sa.cast(sa.null(), sa.Text).label("exclusion_id")),
+            sa.select(*[excluded_hits.c[n] for n in keep], excluded_hits.c.exclusion_id),
+        ).subquery("all_hits")
 
-    def _hunt_sql(self, conn: Connection, group: list[FleetPlan], version: str, now: dt.datetime) -> list[FleetResult]:
+    def _joined(self, source: Any = None) -> Any:
+        h = hits if source is None else source
+        return h.join(cert_rows, sa.and_(h.c.device_id == cert_rows.c.DeviceId, h.c.report_id == cert_rows.c.ReportId))
+
+    def _hunt_sql(
+        self, conn: Connection, group: list[FleetPlan], version: str, now: dt.datetime, include_excluded: bool = False
+    ) -> list[FleetResult]:
         sql = group[0].sql
         assert sql is not None
         pg = conn.dialect.name == "postgresql"
-        selects: list[Any] = [hits.c.rule_id]
+        h = self._hits_source(include_excluded)
+        selects: list[Any] = [h.c.rule_id]
         by_cols = [cert_rows.c[col].label(f"b{i}") for i, (_name, col) in enumerate(sql.by)]
         selects.extend(by_cols)
         arg_names = [_arg_name(agg) for agg in sql.aggregates]
@@ -531,13 +763,13 @@ class Collector:
             selects.append(expr.label(f"a{i}"))
         query = (
             sa.select(*selects)
-            .select_from(self._joined())
+            .select_from(self._joined(h))
             .where(
-                hits.c.ruleset == version,
-                hits.c.rule_id.in_([p.rule.id for p in group]),
+                h.c.ruleset == version,
+                h.c.rule_id.in_([p.rule.id for p in group]),
                 *self._window_clause(sql, now),
             )
-            .group_by(hits.c.rule_id, *[cert_rows.c[col] for _n, col in sql.by])
+            .group_by(h.c.rule_id, *[cert_rows.c[col] for _n, col in sql.by])
         )
         by_rule = {p.rule.id: p for p in group}
         out = []
@@ -573,8 +805,10 @@ class Collector:
             return bool(value)
         return value
 
-    def _hunt_python(self, conn: Connection, plan: FleetPlan, version: str, now: dt.datetime) -> list[FleetResult]:
-        rows = [r for r in self.rule_rows(plan.rule.id, version=version, conn=conn)]
+    def _hunt_python(
+        self, conn: Connection, plan: FleetPlan, version: str, now: dt.datetime, include_excluded: bool = False
+    ) -> list[FleetResult]:
+        rows = self.rule_rows(plan.rule.id, version=version, conn=conn, include_excluded=include_excluded)
         return [FleetResult(plan.rule, result) for result in plan.rule.query.run(rows, now=now)]
 
     def rule_rows(
@@ -585,15 +819,19 @@ class Collector:
         now: dt.datetime | None = None,
         conn: Connection | None = None,
         limit: int | None = None,
+        include_excluded: bool = False,
     ) -> list[dict[str, Any]]:
         """The stored rows that hit a rule (inside its time window when the rule has one in SQL),
-        with their evidence."""
+        with their evidence; with ``include_excluded`` also those the agent excluded, each with
+        ``ExcludedBy`` (the exclusion id, or null)."""
         version = version or self.hits_ruleset() or self.ruleset
         plan = next(p for p in self.plans if p.rule.id == rule_id)
+        h = self._hits_source(include_excluded)
+        extra = [h.c.exclusion_id] if include_excluded else []
         query = (
-            sa.select(*[cert_rows.c[n] for n in COLUMN_NAMES], hits.c.evidence)
-            .select_from(self._joined())
-            .where(hits.c.ruleset == version, hits.c.rule_id == rule_id)
+            sa.select(*[cert_rows.c[n] for n in COLUMN_NAMES], h.c.evidence, *extra)
+            .select_from(self._joined(h))
+            .where(h.c.ruleset == version, h.c.rule_id == rule_id)
             .order_by(cert_rows.c.DeviceId, cert_rows.c.ReportId)
         )
         if plan.sql is not None and now is not None:
@@ -603,9 +841,12 @@ class Collector:
 
         def run(c: Connection) -> list[dict[str, Any]]:
             out = []
+            width = len(COLUMN_NAMES)
             for rec in c.execute(query):
-                row = self._row_out(rec[: len(COLUMN_NAMES)])
-                row["Evidence"] = json.loads(rec[-1])
+                row = self._row_out(rec[:width])
+                row["Evidence"] = json.loads(rec[width])
+                if include_excluded:
+                    row["ExcludedBy"] = rec[width + 1]
                 out.append(row)
             return out
 
@@ -620,40 +861,149 @@ def _arg_name(agg: Any) -> str:
     return str(getattr(agg.arg, "name", "")) if agg.arg is not None else ""
 
 
-def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING through the driver's executemany: the ingest hot path.
-    Values are converted here as SQLAlchemy's types store them (SQLite: datetimes as
-    'YYYY-MM-DD HH:MM:SS.ffffff' text, bools as 0/1), so Core reads them back unchanged."""
-    if not records:
-        return
-    names = [c.name for c in table.columns]
-    cols = ", ".join(f'"{n}"' for n in names)
+class _TablePlan:
+    """How records of one table become driver parameters, worked out once per (table, dialect).
+
+    The hot path of ingest: rows become tuples through one itemgetter, only the datetime
+    columns are touched per row (SQLite stores them as SQLAlchemy's DateTime does, text
+    'YYYY-MM-DD HH:MM:SS.ffffff'; PostgreSQL takes naive UTC), and text columns get their
+    '' for null in SQL (string columns are never null, as in Kusto). Measured on 10,000 rows
+    (100% RMM), the per-row dict comprehension and SQLAlchemy's IN-list compilation it
+    replaces were about a third of the collector's CPU."""
+
+    def __init__(self, table: sa.Table, sqlite: bool) -> None:
+        self.table = table
+        self.sqlite = sqlite
+        self.names = [c.name for c in table.columns]
+        self.get = operator.itemgetter(*self.names)
+        self.dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
+        texts = {c.name for c in table.columns if table is cert_rows and isinstance(c.type, sa.Text)}
+        self.cols = ", ".join(f'"{n}"' for n in self.names)
+        mark = "?" if sqlite else "%s"
+        self.values = ", ".join(f"COALESCE({mark}, '')" if n in texts else mark for n in self.names)
+        self.select = ", ".join(f"COALESCE(\"{n}\", '')" if n in texts else f'"{n}"' for n in self.names)
+
+    def tuples(self, records: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        get, dates, names = self.get, self.dates, self.names
+        out = []
+        for rec in records:
+            try:
+                values = get(rec)
+            except KeyError:  # a partial record (bench, tests): missing columns are null
+                values = tuple(rec.get(n) for n in names)
+            converted = None
+            for i in dates:
+                value = values[i]
+                if value is not None:
+                    if converted is None:
+                        converted = list(values)
+                    if value.tzinfo is not dt.UTC:  # the wire's own datetimes are UTC already
+                        value = _naive_utc(value).replace(tzinfo=dt.UTC)
+                    if self.sqlite:  # "+00:00" dropped
+                        converted[i] = value.isoformat(" ", "microseconds")[:26]
+                    else:
+                        converted[i] = value.replace(tzinfo=None)
+            out.append(values if converted is None else tuple(converted))
+        return out
+
+
+_PLANS: dict[tuple[str, bool], _TablePlan] = {}
+
+
+def _plan(conn: Connection, table: sa.Table) -> _TablePlan:
     sqlite = conn.dialect.name == "sqlite"
-    dates = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.DateTime)]
-    bools = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.Boolean)]
-    texts = [i for i, c in enumerate(table.columns) if table is cert_rows and isinstance(c.type, sa.Text)]
-    rows = []
-    for rec in records:
-        values: list[Any] = [rec.get(n) for n in names]
-        for i in texts:  # string columns are never null, as in Kusto
-            if values[i] is None:
-                values[i] = ""
-        for i in dates:
-            value = values[i]
-            if value is not None:
-                value = _naive_utc(value)
-                values[i] = value.isoformat(sep=" ", timespec="microseconds") if sqlite else value
-        if sqlite:
-            for i in bools:
-                if values[i] is not None:
-                    values[i] = int(values[i])
-        rows.append(tuple(values))
-    if sqlite:
-        marks = ", ".join("?" for _ in names)
-        conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{table.name}" ({cols}) VALUES ({marks})', rows)
-    else:
-        marks = ", ".join("%s" for _ in names)
-        conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING', rows)
+    plan = _PLANS.get((table.name, sqlite))
+    if plan is None:
+        plan = _PLANS[(table.name, sqlite)] = _TablePlan(table, sqlite)
+    return plan
+
+
+def _insert_tuples(
+    conn: Connection, plan: _TablePlan, rows: Sequence[tuple[Any, ...]], returning: Sequence[str] = ()
+) -> list[tuple[Any, ...]]:
+    """INSERT ... ON CONFLICT DO NOTHING of driver-ready tuples; with ``returning``, the given
+    columns of the rows actually inserted (PostgreSQL only; SQLite callers find conflicts first).
+
+    SQLite: one executemany of a prepared statement. PostgreSQL: COPY into a temporary table
+    (kept per connection, emptied at commit) and one INSERT ... SELECT ... ON CONFLICT DO NOTHING,
+    which is exact under concurrent collectors (a racing duplicate waits, then is skipped)."""
+    if not rows:
+        return []
+    name = plan.table.name
+    if plan.sqlite:
+        conn.exec_driver_sql(f'INSERT OR IGNORE INTO "{name}" ({plan.cols}) VALUES ({plan.values})', rows)
+        return []
+    import psycopg
+
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    temp = f"_in_{name}"
+    sql = f'COPY "{temp}" ({plan.cols}) FROM STDIN'
+    try:
+        with raw.cursor() as cur:
+            cur.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{temp}" (LIKE "{name}") ON COMMIT DELETE ROWS')
+            with cur.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            sql = f'INSERT INTO "{name}" ({plan.cols}) SELECT {plan.select} FROM "{temp}" ON CONFLICT DO NOTHING'
+            if returning:
+                sql += " RETURNING " + ", ".join(f'"{c}"' for c in returning)
+            cur.execute(sql)
+            out = cur.fetchall() if returning else []
+            cur.execute(f'DELETE FROM "{temp}"')  # the same transaction may use it again
+    except psycopg.Error as exc:  # as SQLAlchemy raises it for its own statements
+        raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+    return out
+
+
+def _existing_keys_sqlite(conn: Connection, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The (DeviceId, ReportId) among ``keys`` already stored: per device, one range scan of the
+    primary key when the ids are dense (an agent's batch is consecutive), else IN lists."""
+    by_device: dict[str, list[int]] = {}
+    for device, report in keys:
+        by_device.setdefault(device, []).append(report)
+    found: set[tuple[str, int]] = set()
+    base = 'SELECT "ReportId" FROM cert_rows WHERE "DeviceId" = ? AND '
+    # the sqlite3 connection itself, inside the same transaction: an import file spreads a batch
+    # over many devices, and SQLAlchemy's per-statement cost (~0.25 ms) was 30% of ingest there
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    for device, ids in by_device.items():
+        wanted = set(ids)
+        low, high = min(ids), max(ids)
+        if high - low <= 4 * len(ids) + 64:
+            result = raw.execute(base + '"ReportId" BETWEEN ? AND ?', (device, low, high))
+            found.update((device, r) for (r,) in result if r in wanted)
+            continue
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            result = raw.execute(base + f'"ReportId" IN ({marks})', (device, *chunk))
+            found.update((device, r) for (r,) in result)
+    return found
+
+
+def _insert_rows_new(conn: Connection, unique: Mapping[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert the rows not stored yet; returns them (in order). Must be the transaction's first
+    statement: on SQLite it takes the write lock first (BEGIN IMMEDIATE), so the check for rows
+    already there and the insert see the same database."""
+    if not unique:
+        return []
+    plan = _plan(conn, cert_rows)
+    if plan.sqlite:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        existing = _existing_keys_sqlite(conn, unique)
+        fresh = [r for k, r in unique.items() if k not in existing]
+        _insert_tuples(conn, plan, plan.tuples(fresh))
+        return fresh
+    inserted = {(d, r) for d, r in _insert_tuples(conn, plan, plan.tuples(unique.values()), ("DeviceId", "ReportId"))}
+    return [r for k, r in unique.items() if k in inserted]
+
+
+def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING of records (dicts by column name), the bulk path."""
+    plan = _plan(conn, table)
+    _insert_tuples(conn, plan, plan.tuples(records))
 
 
 # --- dashboard matrix (devices x tools), computed in SQL

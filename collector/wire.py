@@ -6,6 +6,10 @@ DeviceFileCertificateInfo columns of ``agent.schema``: datetimes as ISO 8601 str
 fields (FolderPath, FileName) with the reversible percent escape of ``agent.textenc``.
 A string may not hold NUL or lone surrogates (the agent escapes those with the same escape),
 so every value the collector stores is valid text on both SQLite and PostgreSQL.
+
+A row may also carry ``RuleExclusions``: {rule id: exclusion id} for the hits the agent
+excluded (agent.transport.outbox). The collector stores those hits apart and leaves them out of
+fleet hunts unless asked (``include_excluded``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.schema import COLUMN_NAMES, COLUMN_TYPES
+from agent.transport.outbox import RULE_EXCLUSIONS
 
 INT64 = 2**63 - 1
 
@@ -26,6 +31,9 @@ class Limits:
     max_decompressed_bytes: int = 64 * 1024 * 1024
     max_rows_per_batch: int = 5000
     max_field_chars: int = 32768
+    max_exclusions_per_row: int = 512  # (rule, exclusion) pairs; the shipped catalog has 140 rules
+    max_rule_id_chars: int = 128  # the collector's rule_id columns
+    max_exclusion_id_chars: int = 256
 
 
 class WireError(Exception):
@@ -98,7 +106,7 @@ def parse_row(raw: Any, limits: Limits) -> dict[str, Any]:
     """One wire row as typed values (datetimes aware UTC); WireError(422) on anything else."""
     if not isinstance(raw, dict):
         raise WireError(422, "a row must be a JSON object")
-    unknown = [k for k in raw if k not in COLUMN_TYPES]
+    unknown = [k for k in raw if k not in COLUMN_TYPES and k != RULE_EXCLUSIONS]
     if unknown:
         raise WireError(422, f"unknown column(s): {sorted(str(k)[:64] for k in unknown)[:5]}")
     row: dict[str, Any] = {}
@@ -136,7 +144,34 @@ def parse_row(raw: Any, limits: Limits) -> dict[str, Any]:
         raise WireError(422, "ReportId: required, a non-negative integer")
     if row["Timestamp"] is None:
         raise WireError(422, "Timestamp: required")
+    exclusions = raw.get(RULE_EXCLUSIONS)
+    if exclusions is not None:
+        row[RULE_EXCLUSIONS] = parse_exclusions(exclusions, limits)
     return row
+
+
+def parse_exclusions(raw: Any, limits: Limits) -> dict[str, str]:
+    """A row's RuleExclusions: a JSON object of rule id -> exclusion id, both non-empty text."""
+    name = RULE_EXCLUSIONS
+    if not isinstance(raw, dict):
+        raise WireError(422, f"{name}: expected an object of rule id -> exclusion id")
+    if len(raw) > limits.max_exclusions_per_row:
+        raise WireError(422, f"{name}: more than {limits.max_exclusions_per_row} entries")
+    out: dict[str, str] = {}
+    for rule_id, exclusion_id in raw.items():
+        if not rule_id or len(rule_id) > limits.max_rule_id_chars or _bad_text(rule_id):
+            raise WireError(422, f"{name}: a rule id must be 1 to {limits.max_rule_id_chars} characters of text")
+        if (
+            not isinstance(exclusion_id, str)
+            or not exclusion_id
+            or len(exclusion_id) > limits.max_exclusion_id_chars
+            or _bad_text(exclusion_id)
+        ):
+            raise WireError(
+                422, f"{name}: an exclusion id must be 1 to {limits.max_exclusion_id_chars} characters of text"
+            )
+        out[rule_id] = exclusion_id
+    return out
 
 
 def parse_batch(payload: Any, limits: Limits) -> tuple[str, str, int | None, list[dict[str, Any]]]:

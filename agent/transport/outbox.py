@@ -6,6 +6,10 @@ them. Each entry holds the row as the collector's wire JSON: datetimes in ISO 86
 path fields (FolderPath, FileName) with the reversible percent escape of ``agent.textenc``;
 any other string that holds NUL or bytes that are not valid UTF-8 gets the same escape (such
 text cannot be stored in PostgreSQL as it is).
+
+A row whose rule hits the agent excluded carries ``RuleExclusions``, an object rule id ->
+exclusion id (the agent's ``hits.excluded_by``), so that the collector leaves those hits out of
+fleet hunts as the agent's ``hunt`` does; it is not a DeviceFileCertificateInfo column.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from agent.textenc import encodable, escape_path
 
 PATH_COLUMNS = frozenset({"FolderPath", "FileName"})
 FORWARD_MODES = ("hits", "all")
+RULE_EXCLUSIONS = "RuleExclusions"  # the wire row's key for {rule id: exclusion id}
 
 
-def wire_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def wire_row(row: Mapping[str, Any], exclusions: Mapping[str, str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in COLUMN_NAMES:
         value = row.get(name)
@@ -31,8 +36,11 @@ def wire_row(row: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, str) and (name in PATH_COLUMNS or "\x00" in value or not encodable(value)):
             value = escape_path(value)
         out[name] = value
+    if exclusions:
+        out[RULE_EXCLUSIONS] = {str(rule): str(exclusion) for rule, exclusion in sorted(exclusions.items())}
     return out
 
 
-def encode_entry(row: Mapping[str, Any]) -> str:
-    return json.dumps(wire_row(row), ensure_ascii=False, separators=(",", ":"))
+def encode_entry(row: Mapping[str, Any], exclusions: Mapping[str, str] | None = None) -> str:
+    """The outbox payload of a row; ``exclusions`` are its excluded hits, rule id -> exclusion id."""
+    return json.dumps(wire_row(row, exclusions), ensure_ascii=False, separators=(",", ":"))

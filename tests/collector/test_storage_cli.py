@@ -25,14 +25,24 @@ def _canon(results):
 
 def test_migrations_are_versioned_and_a_new_column_is_a_new_migration(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/a.db"
-    assert migrate(storage.make_engine(url)) == 1
-    # a later column (here: pretend ExclusionId came later) is an ALTER TABLE in migration 2
-    monkeypatch.setattr(storage, "ADDED_ROW_COLUMNS", {2: ("ExclusionId",)})
-    assert migrate(storage.make_engine(url)) == 2  # an existing v1 database: the column is already there
+    assert migrate(storage.make_engine(url)) == 2  # 2: the forwarded exclusions' tables
+    with storage.make_engine(url).connect() as conn:
+        assert {"row_exclusions", "excluded_hits"} <= set(sa.inspect(conn).get_table_names())
+    # a later column (here: pretend ExclusionId came later) is an ALTER TABLE in migration 3
+    monkeypatch.setattr(storage, "ADDED_ROW_COLUMNS", {3: ("ExclusionId",)})
+    assert migrate(storage.make_engine(url)) == 3  # an existing v2 database: the column is already there
     fresh = storage.make_engine(f"sqlite:///{tmp_path}/b.db")
-    assert migrate(fresh) == 2
+    assert migrate(fresh) == 3
     with fresh.connect() as conn:
-        assert sorted(conn.execute(sa.text("SELECT version FROM schema_version")).scalars()) == [1, 2]
+        assert sorted(conn.execute(sa.text("SELECT version FROM schema_version")).scalars()) == [1, 2, 3]
+    # two migrations under one version refuse to start
+    monkeypatch.setattr(storage, "ADDED_ROW_COLUMNS", {2: ("ExclusionId",)})
+    try:
+        migrate(storage.make_engine(f"sqlite:///{tmp_path}/d.db"))
+    except SchemaError as exc:
+        assert "used twice" in str(exc)
+    else:
+        raise AssertionError("a migration version used twice must refuse to start")
     # a schema column without a migration refuses to start
     monkeypatch.setattr(storage, "migrations", lambda: [(1, storage._migration_1)])
     broken = storage.make_engine(f"sqlite:///{tmp_path}/c.db")
