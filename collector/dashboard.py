@@ -31,8 +31,9 @@ def _since(days: float) -> dt.datetime:
 
 
 def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
-    """The matrix for the page, compact: devices and tools listed once, each cell an array
-    ``[device index, tool index, FirstSeen, LastSeen, Count, Running, Untrusted]``."""
+    """The matrix for the page, compact (500 devices x 60 tools is 30,000 cells): devices and
+    tools listed once, each cell an array ``[device index, tool index, FirstSeen, LastSeen,
+    Count, Running, Untrusted]`` with times in epoch seconds (UTC) and flags as 0/1."""
     found = matrix_cells(collector, _since(days))
     device_names: dict[str, str] = {c.device_id: c.device_name for c in found}
     devices = sorted(device_names.items(), key=lambda x: (x[1], x[0]))
@@ -48,23 +49,20 @@ def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
         "devices": [{"DeviceId": d, "DeviceName": n, "DroppedRows": dropped.get(d, 0)} for d, n in devices],
         "tools": [{"Tool": t, "Techniques": sorted(techniques.get(t, ()))} for t in used_tools],
         "cell_columns": ["Device", "Tool", "FirstSeen", "LastSeen", "Count", "Running", "Untrusted"],
+        "time_unit": "epoch seconds, UTC",
         "cells": [
             [
                 device_index[c.device_id],
                 tool_index[c.tool],
-                _iso(c.first_seen),
-                _iso(c.last_seen),
+                c.first_seen,
+                c.last_seen,
                 c.count,
-                c.running > 0,
-                c.untrusted > 0,
+                1 if c.running else 0,
+                1 if c.untrusted else 0,
             ]
             for c in found
         ],
     }
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_token: Callable[[Request], None]) -> None:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -659,13 +659,14 @@ def _bulk_insert_ignore(conn: Connection, table: sa.Table, records: Sequence[Map
 # --- dashboard matrix (devices x tools), computed in SQL
 
 
-@dataclass(frozen=True)
-class MatrixCell:
+class MatrixCell(NamedTuple):
+    """One (device, tool) cell; a NamedTuple because a 500 x 60 matrix makes 30,000 of them."""
+
     device_id: str
     device_name: str
     tool: str
-    first_seen: dt.datetime
-    last_seen: dt.datetime
+    first_seen: int  # epoch seconds (UTC), truncated
+    last_seen: int
     count: int  # distinct rows, however many rules of the tool they hit
     running: int
     untrusted: int
@@ -679,18 +680,31 @@ def _untrusted() -> Any:
     return sa.case((cert_rows.c.IsTrusted.is_(True), 0), else_=1)
 
 
+def _epoch(dialect: str, value: Any) -> Any:
+    """Whole epoch seconds of a naive-UTC timestamp, computed by the database: converting 60,000
+    datetimes in Python took ~0.5 s of a 1 s matrix request (500 x 60 cells)."""
+    if dialect == "postgresql":
+        return sa.cast(sa.func.floor(sa.extract("epoch", value)), sa.BigInteger)
+    return sa.cast(sa.func.strftime("%s", value), sa.BigInteger)
+
+
 def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
-    """One cell per (device, tool): the rules of a tool merged, each row counted once."""
+    """One cell per (device, tool): the rules of a tool merged, each row counted once.
+    One aggregated statement; the join walks the hits of the rule set through its primary key
+    and reads each hit row by cert_rows' primary key."""
     version = collector.hits_ruleset() or collector.ruleset
-    tool = sa.case({r.id: r.tool for r in collector.rules}, value=hits.c.rule_id, else_="")
+    tools = sorted({r.tool for r in collector.rules})
+    tool_index = {t: i for i, t in enumerate(tools)}
+    tool = sa.case({r.id: tool_index[r.tool] for r in collector.rules}, value=hits.c.rule_id, else_=-1)
+    dialect = collector.engine.dialect.name
     query = (
         sa.select(
-            cert_rows.c.DeviceId,
-            cert_rows.c.DeviceName,
+            hits.c.device_id,
+            sa.func.min(cert_rows.c.DeviceName),
             tool,
-            sa.func.min(cert_rows.c.Timestamp),
-            sa.func.max(cert_rows.c.Timestamp),
-            sa.func.count(sa.distinct(cert_rows.c.ReportId)),
+            _epoch(dialect, sa.func.min(cert_rows.c.Timestamp)),
+            _epoch(dialect, sa.func.max(cert_rows.c.Timestamp)),
+            sa.func.count(sa.distinct(hits.c.report_id)),
             sa.func.max(_running()),
             sa.func.max(_untrusted()),
         )
@@ -700,21 +714,13 @@ def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:
             cert_rows.c.Timestamp >= _naive_utc(since),
             sa.not_(sa.func.coalesce(cert_rows.c.Excluded, False)),
         )
-        .group_by(cert_rows.c.DeviceId, cert_rows.c.DeviceName, tool)
+        .group_by(hits.c.device_id, tool)
     )
     with collector.engine.connect() as conn:
         return [
-            MatrixCell(
-                r[0],
-                r[1],
-                r[2],
-                Collector._value("Timestamp", r[3]),
-                Collector._value("Timestamp", r[4]),
-                int(r[5]),
-                int(r[6] or 0),
-                int(r[7] or 0),
-            )
-            for r in conn.execute(query)
+            MatrixCell(d, n, tools[t], int(first), int(last), int(count), int(run or 0), int(bad or 0))
+            for d, n, t, first, last, count, run, bad in conn.execute(query)
+            if t >= 0
         ]
 
 
