@@ -9,6 +9,10 @@ changes state: login and logout are POSTs.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,15 +23,22 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.output import plain
-from collector.storage import Collector, cell_files, matrix_cells
+from collector.storage import Collector, cell_files, ingest_marker, matrix_cells
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_DAYS = 3650
+#: how long a built matrix is served again while nothing new was ingested through the API; also
+#: the bound on how stale it can be after a `collector import` (which another process runs)
+MATRIX_TTL = 15.0
+
+
+def _days(days: float) -> float:
+    days = float(days)
+    return max(0.01, min(days, MAX_DAYS)) if math.isfinite(days) else 5.0
 
 
 def _since(days: float) -> dt.datetime:
-    days = max(0.01, min(float(days), MAX_DAYS))
-    return dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=_days(days))
 
 
 def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
@@ -56,13 +67,36 @@ def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
                 tool_index[c.tool],
                 c.first_seen,
                 c.last_seen,
-                c.count,
+                c.row_count,
                 1 if c.running else 0,
                 1 if c.untrusted else 0,
             ]
             for c in found
         ],
     }
+
+
+class MatrixCache:
+    """The matrix as JSON bytes, per (rule-set version, window, ingest marker), for MATRIX_TTL
+    seconds. One build at a time: a burst of page loads runs the 500 x 60 query once."""
+
+    def __init__(self, collector: Collector, ttl: float = MATRIX_TTL) -> None:
+        self.collector = collector
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], tuple[float, bytes]] = {}
+
+    def get(self, days: float) -> bytes:
+        with self._lock:
+            key = (self.collector.hits_ruleset() or self.collector.ruleset, days, ingest_marker(self.collector))
+            now = time.monotonic()
+            hit = self._entries.get(key)
+            if hit is not None and now - hit[0] < self.ttl:
+                return hit[1]
+            body = json.dumps(build_matrix(self.collector, days), ensure_ascii=False, separators=(",", ":"))
+            self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl and k[0] == key[0]}
+            self._entries[key] = (now, body.encode("utf-8"))
+            return self._entries[key][1]
 
 
 def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_token: Callable[[Request], None]) -> None:
@@ -72,6 +106,8 @@ def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_toke
         except HTTPException:
             return False
         return True
+
+    matrix_cache = MatrixCache(collector)
 
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
@@ -110,9 +146,10 @@ def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_toke
         return response
 
     @app.get("/api/v1/matrix", responses={401: {"description": "API token required"}})
-    async def matrix(request: Request, days: float = 5.0) -> JSONResponse:
+    async def matrix(request: Request, days: float = 5.0) -> Response:
         require_token(request)
-        return JSONResponse(await run_in_threadpool(build_matrix, collector, days))
+        body = await run_in_threadpool(matrix_cache.get, _days(days))
+        return Response(body, media_type="application/json")
 
     @app.get("/api/v1/matrix/cell", responses={401: {"description": "API token required"}})
     async def cell(request: Request, device: str, tool: str, days: float = 5.0) -> JSONResponse:

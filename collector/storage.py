@@ -509,9 +509,11 @@ class Collector:
         sql = group[0].sql
         assert sql is not None
         pg = conn.dialect.name == "postgresql"
+        # values come back untyped (NullType): SQLAlchemy's SQLite DateTime parser (a regex per
+        # value) cost more than the query; _value converts them with datetime.fromisoformat
+        untyped = sa.types.NullType()
         selects: list[Any] = [hits.c.rule_id]
-        by_cols = [cert_rows.c[col].label(f"b{i}") for i, (_name, col) in enumerate(sql.by)]
-        selects.extend(by_cols)
+        selects.extend(sa.type_coerce(cert_rows.c[col], untyped).label(f"b{i}") for i, (_n, col) in enumerate(sql.by))
         arg_names = [_arg_name(agg) for agg in sql.aggregates]
         for i, agg in enumerate(sql.aggregates):
             col: Any = cert_rows.c[arg_names[i]] if arg_names[i] else None
@@ -528,36 +530,35 @@ class Collector:
                 expr = sa.func.array_agg(sa.distinct(col))
             else:
                 expr = sa.func.json_group_array(sa.distinct(col))
-            selects.append(expr.label(f"a{i}"))
+            selects.append(sa.type_coerce(expr, untyped).label(f"a{i}"))
+        wanted = [p.rule.id for p in group]
+        where = [hits.c.ruleset == version, *self._window_clause(sql, now)]
+        if set(wanted) != {p.rule.id for p in self.plans}:  # the stored hits are of these rules only
+            where.append(hits.c.rule_id.in_(wanted))
         query = (
             sa.select(*selects)
             .select_from(self._joined())
-            .where(
-                hits.c.ruleset == version,
-                hits.c.rule_id.in_([p.rule.id for p in group]),
-                *self._window_clause(sql, now),
-            )
+            .where(*where)
             .group_by(hits.c.rule_id, *[cert_rows.c[col] for _n, col in sql.by])
         )
         by_rule = {p.rule.id: p for p in group}
+        convert = [_converter(col) for _n, col in sql.by]
+        for i, agg in enumerate(sql.aggregates):
+            if agg.func in ("count", "dcount"):
+                convert.append(int)
+            elif agg.func == "make_set":
+                convert.append(_set_converter(arg_names[i]))
+            else:
+                convert.append(_converter(arg_names[i]))
+        names = [name for name, _col in sql.by] + [agg.name for agg in sql.aggregates]
         out = []
-        for rec in conn.execute(query):
-            plan = by_rule[rec.rule_id]
-            result: dict[str, Any] = {}
-            for i, (name, col) in enumerate(sql.by):
-                result[name] = self._value(col, rec[i + 1])
-            for i, agg in enumerate(sql.aggregates):
-                value = rec[1 + len(sql.by) + i]
-                if agg.func in ("count", "dcount"):
-                    value = int(value)
-                elif agg.func == "make_set":
-                    items = json.loads(value) if isinstance(value, str) else list(value or ())
-                    value = sorted(self._value(arg_names[i], v) for v in items if v is not None)
-                else:
-                    value = self._value(arg_names[i], value)
-                result[agg.name] = value
+        for rule_id, *values in conn.execute(query).tuples():
+            plan = by_rule.get(rule_id)
+            if plan is None:
+                continue
+            result = {name: fn(v) for name, fn, v in zip(names, convert, values, strict=True)}
             assert plan.sql is not None
-            out.append(FleetResult(plan.rule, apply_post(plan.sql, result)))
+            out.append(FleetResult(plan.rule, apply_post(plan.sql, result)))  # the rule's own extend/project
         return out
 
     @staticmethod
@@ -615,6 +616,38 @@ class Collector:
             return run(own)
 
 
+def _converter(col: str) -> Callable[[Any], Any]:
+    """Database value -> the agent's value for one column (None stays None)."""
+    kind = COLUMN_TYPES[col]
+    if kind == "datetime":
+        return _datetime_value
+    if kind == "bool":
+        return lambda v: None if v is None else bool(v)
+    return lambda v: v
+
+
+def _datetime_value(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+def _set_converter(col: str) -> Callable[[Any], Any]:
+    """A make_set: a JSON array (SQLite json_group_array) or a list (PostgreSQL array_agg)."""
+    kind = COLUMN_TYPES[col]
+    one = _converter(col)
+
+    def run(value: Any) -> list[Any]:
+        items = json.loads(value) if isinstance(value, str) else list(value or ())
+        if kind in ("datetime", "bool"):
+            return sorted(one(v) for v in items if v is not None)
+        return sorted(v for v in items if v is not None)
+
+    return run
+
+
 def _arg_name(agg: Any) -> str:
     """The table column an aggregate reads ('' for count())."""
     return str(getattr(agg.arg, "name", "")) if agg.arg is not None else ""
@@ -667,7 +700,7 @@ class MatrixCell(NamedTuple):
     tool: str
     first_seen: int  # epoch seconds (UTC), truncated
     last_seen: int
-    count: int  # distinct rows, however many rules of the tool they hit
+    row_count: int  # distinct rows, however many rules of the tool they hit
     running: int
     untrusted: int
 
@@ -686,6 +719,14 @@ def _epoch(dialect: str, value: Any) -> Any:
     if dialect == "postgresql":
         return sa.cast(sa.func.floor(sa.extract("epoch", value)), sa.BigInteger)
     return sa.cast(sa.func.strftime("%s", value), sa.BigInteger)
+
+
+def ingest_marker(collector: Collector) -> tuple[Any, ...]:
+    """Changes whenever the API ingests rows (it counts them per device): cheap, the devices
+    table has one row per device."""
+    query = sa.select(sa.func.count(), sa.func.sum(devices.c.rows_received), sa.func.max(devices.c.last_seen))
+    with collector.engine.connect() as conn:
+        return tuple(conn.execute(query).one())
 
 
 def matrix_cells(collector: Collector, since: dt.datetime) -> list[MatrixCell]:

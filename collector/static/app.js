@@ -188,7 +188,12 @@ document.addEventListener("DOMContentLoaded", () => {
   const more = document.getElementById("more");
   more.addEventListener("click", showMore);
   observer = new IntersectionObserver(entries => {
-    if (entries.some(e => e.isIntersecting)) showMore();
+    if (!entries.some(e => e.isIntersecting)) return;
+    showMore();
+    // observing again reports the state now: more pages while the button stays in view, even
+    // when the rows added and a scroll back to the bottom fell between two observations
+    observer.unobserve(more);
+    observer.observe(more);
   }, { root: document.getElementById("matrix-wrap"), rootMargin: "200px" });
   observer.observe(more);
   for (const id of ["f-tool", "f-device", "f-technique"]) {
