@@ -25,14 +25,17 @@ def _canon(results):
 
 def test_migrations_are_versioned_and_a_new_column_is_a_new_migration(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/a.db"
-    assert migrate(storage.make_engine(url)) == 1
-    # a later column (here: pretend ExclusionId came later) is an ALTER TABLE in migration 2
-    monkeypatch.setattr(storage, "ADDED_ROW_COLUMNS", {2: ("ExclusionId",)})
-    assert migrate(storage.make_engine(url)) == 2  # an existing v1 database: the column is already there
+    latest = migrate(storage.make_engine(url))
+    assert latest == max(v for v, _step in storage.migrations())
+    # a later column (here: pretend ExclusionId came later) is an ALTER TABLE in the next migration
+    monkeypatch.setattr(storage, "ADDED_ROW_COLUMNS", {latest + 1: ("ExclusionId",)})
+    assert migrate(storage.make_engine(url)) == latest + 1  # an existing database: the column is already there
     fresh = storage.make_engine(f"sqlite:///{tmp_path}/b.db")
-    assert migrate(fresh) == 2
+    assert migrate(fresh) == latest + 1
     with fresh.connect() as conn:
-        assert sorted(conn.execute(sa.text("SELECT version FROM schema_version")).scalars()) == [1, 2]
+        assert sorted(conn.execute(sa.text("SELECT version FROM schema_version")).scalars()) == list(
+            range(1, latest + 2)
+        )
     # a schema column without a migration refuses to start
     monkeypatch.setattr(storage, "migrations", lambda: [(1, storage._migration_1)])
     broken = storage.make_engine(f"sqlite:///{tmp_path}/c.db")
