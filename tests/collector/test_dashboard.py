@@ -160,6 +160,10 @@ def test_dashboard_500_devices_by_60_tools(tmp_path, browser, shipped_rules):
         render_ms = page.evaluate("document.body.dataset.renderMs")
         fetch_ms = page.evaluate("document.body.dataset.fetchMs")
         page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-500x60.png"))
+        # a second load of the page at once is served from the matrix cache
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']", timeout=120000)
+        fetch_again_ms = page.evaluate("document.body.dataset.fetchMs")
         # the first 100 device rows are built; the status counts all 500; more come on scrolling
         assert page.locator("#matrix tbody tr").count() == 100
         assert page.locator("#matrix thead th").count() == 61
@@ -183,10 +187,6 @@ def test_dashboard_500_devices_by_60_tools(tmp_path, browser, shipped_rules):
         page.locator("#matrix tbody td.hit").click()  # the drill-down of a cell built from the filtered view
         page.wait_for_selector("#drill:not([hidden]) #files tbody tr")
         assert page.locator("#drill-title").inner_text() == f"{tools[-1]} on host-499.example.org"
-        # a second load of the page is served from the matrix cache
-        page.reload()
-        page.wait_for_selector("body[data-ready='1']", timeout=120000)
-        fetch_again_ms = page.evaluate("document.body.dataset.fetchMs")
     print(
         f"\ndashboard 500 devices x 60 tools ({len(rows)} rows, ingest {ingest_s:.1f}s): "
         f"time to first render {first_render:.2f}s (matrix fetch {fetch_ms} ms, built in the page in {render_ms} ms; "
