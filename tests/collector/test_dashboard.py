@@ -160,10 +160,17 @@ def test_dashboard_500_devices_by_60_tools(tmp_path, browser, shipped_rules):
         render_ms = page.evaluate("document.body.dataset.renderMs")
         fetch_ms = page.evaluate("document.body.dataset.fetchMs")
         page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-500x60.png"))
-        # a second load of the page at once is served from the matrix cache
-        page.reload()
-        page.wait_for_selector("body[data-ready='1']", timeout=120000)
-        fetch_again_ms = page.evaluate("document.body.dataset.fetchMs")
+        # a second sign-in at once (another analyst) is served from the matrix cache
+        other = browser.new_context().new_page()
+        other.goto(live.url + "/")
+        other.fill("#token", API_TOKEN)
+        started = time.perf_counter()
+        other.click("#login")
+        other.wait_for_selector("body[data-ready='1']", timeout=120000)
+        cached_render = time.perf_counter() - started
+        fetch_again_ms = other.evaluate("document.body.dataset.fetchMs")
+        assert other.locator("#matrix tbody tr").count() == 100
+        other.close()
         # the first 100 device rows are built; the status counts all 500; more come on scrolling
         assert page.locator("#matrix tbody tr").count() == 100
         assert page.locator("#matrix thead th").count() == 61
@@ -190,7 +197,7 @@ def test_dashboard_500_devices_by_60_tools(tmp_path, browser, shipped_rules):
     print(
         f"\ndashboard 500 devices x 60 tools ({len(rows)} rows, ingest {ingest_s:.1f}s): "
         f"time to first render {first_render:.2f}s (matrix fetch {fetch_ms} ms, built in the page in {render_ms} ms; "
-        f"fetch on a reload, from the cache: {fetch_again_ms} ms)"
+        f"a second sign-in, matrix cached: first render {cached_render:.2f}s, fetch {fetch_again_ms} ms)"
     )
 
 
