@@ -125,6 +125,7 @@ function render() {
   table.style.width = (14 + 7 * tools.length) + "em";
   table.replaceChildren(head, el("tbody"));
   showMore();
+  status(); // also when there is nothing to show
   document.body.dataset.renderMs = String(Math.round(performance.now() - t0));
   document.body.dataset.ready = "1";
 }
