@@ -9,6 +9,10 @@ changes state: login and logout are POSTs.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,20 +23,28 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.output import plain
-from collector.storage import Collector, cell_files, matrix_cells
+from collector.storage import Collector, cell_files, ingest_marker, matrix_cells
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_DAYS = 3650
+#: how long a built matrix is served again while nothing new was ingested through the API; also
+#: the bound on how stale it can be after a `collector import` (which another process runs)
+MATRIX_TTL = 15.0
+
+
+def _days(days: float) -> float:
+    days = float(days)
+    return max(0.01, min(days, MAX_DAYS)) if math.isfinite(days) else 5.0
 
 
 def _since(days: float) -> dt.datetime:
-    days = max(0.01, min(float(days), MAX_DAYS))
-    return dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=_days(days))
 
 
 def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
-    """The matrix for the page, compact: devices and tools listed once, each cell an array
-    ``[device index, tool index, FirstSeen, LastSeen, Count, Running, Untrusted]``."""
+    """The matrix for the page, compact (500 devices x 60 tools is 30,000 cells): devices and
+    tools listed once, each cell an array ``[device index, tool index, FirstSeen, LastSeen,
+    Count, Running, Untrusted]`` with times in epoch seconds (UTC) and flags as 0/1."""
     found = matrix_cells(collector, _since(days))
     device_names: dict[str, str] = {c.device_id: c.device_name for c in found}
     devices = sorted(device_names.items(), key=lambda x: (x[1], x[0]))
@@ -48,23 +60,43 @@ def build_matrix(collector: Collector, days: float) -> dict[str, Any]:
         "devices": [{"DeviceId": d, "DeviceName": n, "DroppedRows": dropped.get(d, 0)} for d, n in devices],
         "tools": [{"Tool": t, "Techniques": sorted(techniques.get(t, ()))} for t in used_tools],
         "cell_columns": ["Device", "Tool", "FirstSeen", "LastSeen", "Count", "Running", "Untrusted"],
+        "time_unit": "epoch seconds, UTC",
         "cells": [
             [
                 device_index[c.device_id],
                 tool_index[c.tool],
-                _iso(c.first_seen),
-                _iso(c.last_seen),
-                c.count,
-                c.running > 0,
-                c.untrusted > 0,
+                c.first_seen,
+                c.last_seen,
+                c.row_count,
+                1 if c.running else 0,
+                1 if c.untrusted else 0,
             ]
             for c in found
         ],
     }
 
 
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+class MatrixCache:
+    """The matrix as JSON bytes, per (rule-set version, window, ingest marker), for MATRIX_TTL
+    seconds. One build at a time: a burst of page loads runs the 500 x 60 query once."""
+
+    def __init__(self, collector: Collector, ttl: float = MATRIX_TTL) -> None:
+        self.collector = collector
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], tuple[float, bytes]] = {}
+
+    def get(self, days: float) -> bytes:
+        with self._lock:
+            key = (self.collector.hits_ruleset() or self.collector.ruleset, days, ingest_marker(self.collector))
+            now = time.monotonic()
+            hit = self._entries.get(key)
+            if hit is not None and now - hit[0] < self.ttl:
+                return hit[1]
+            body = json.dumps(build_matrix(self.collector, days), ensure_ascii=False, separators=(",", ":"))
+            self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl and k[0] == key[0]}
+            self._entries[key] = (now, body.encode("utf-8"))
+            return self._entries[key][1]
 
 
 def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_token: Callable[[Request], None]) -> None:
@@ -74,6 +106,8 @@ def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_toke
         except HTTPException:
             return False
         return True
+
+    matrix_cache = MatrixCache(collector)
 
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
@@ -112,9 +146,10 @@ def add_dashboard(app: FastAPI, collector: Collector, secrets: Any, require_toke
         return response
 
     @app.get("/api/v1/matrix", responses={401: {"description": "API token required"}})
-    async def matrix(request: Request, days: float = 5.0) -> JSONResponse:
+    async def matrix(request: Request, days: float = 5.0) -> Response:
         require_token(request)
-        return JSONResponse(await run_in_threadpool(build_matrix, collector, days))
+        body = await run_in_threadpool(matrix_cache.get, _days(days))
+        return Response(body, media_type="application/json")
 
     @app.get("/api/v1/matrix/cell", responses={401: {"description": "API token required"}})
     async def cell(request: Request, device: str, tool: str, days: float = 5.0) -> JSONResponse:

@@ -98,6 +98,9 @@ def test_dashboard_matrix_drilldown_and_hostile_signer(tmp_path, browser):
         row = page.locator("#matrix tbody tr", has_text="host-2.example.org")
         cell = row.locator("td").nth(tools.index("Pulseway"))
         assert "R" in cell.inner_text() and "!" in cell.inner_text()  # running, untrusted
+        cell.hover()  # the tooltip is made on the first hover
+        title = cell.get_attribute("title") or ""
+        assert "FirstSeen" in title and "LastSeen" in title and "untrusted signature" in title
         cell.click()
         page.wait_for_selector("#drill:not([hidden]) #files tbody tr")
         files = page.locator("#files tbody").inner_text()
@@ -154,12 +157,68 @@ def test_dashboard_500_devices_by_60_tools(tmp_path, browser, shipped_rules):
         page.click("#login")
         page.wait_for_selector("body[data-ready='1']", timeout=120000)
         first_render = time.perf_counter() - started
-        assert page.locator("#matrix tbody tr").count() == 500
-        assert page.locator("#matrix thead th").count() == 61
         render_ms = page.evaluate("document.body.dataset.renderMs")
         fetch_ms = page.evaluate("document.body.dataset.fetchMs")
         page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-500x60.png"))
+        # a second sign-in at once (another analyst) is served from the matrix cache
+        other = browser.new_context().new_page()
+        other.goto(live.url + "/")
+        other.fill("#token", API_TOKEN)
+        started = time.perf_counter()
+        other.click("#login")
+        other.wait_for_selector("body[data-ready='1']", timeout=120000)
+        cached_render = time.perf_counter() - started
+        fetch_again_ms = other.evaluate("document.body.dataset.fetchMs")
+        assert other.locator("#matrix tbody tr").count() == 100
+        other.close()
+        # the first 100 device rows are built; the status counts all 500; more come on scrolling
+        assert page.locator("#matrix tbody tr").count() == 100
+        assert page.locator("#matrix thead th").count() == 61
+        assert page.locator("#status").inner_text().startswith("500 devices (100 shown), 60 tools")
+        assert page.locator("#matrix tbody td.hit").count() == 100 * 60
+        page.locator("#more").scroll_into_view_if_needed()
+        page.locator("#matrix tbody tr").nth(199).wait_for(state="attached")  # the observer added a page
+        deadline = time.monotonic() + 30
+        while page.locator("#matrix tbody tr").count() < 500 and time.monotonic() < deadline:
+            page.evaluate("() => { const w = document.getElementById('matrix-wrap'); w.scrollTop = w.scrollHeight; }")
+            page.wait_for_timeout(100)
+        assert page.locator("#matrix tbody tr").count() == 500 and page.locator("#more").is_hidden()
+        assert page.locator("#status").inner_text().startswith("500 devices, 60 tools")
+        # the filters work over all 500 devices, not only the rows built
+        page.fill("#f-device", "host-499.")
+        assert page.locator("#matrix tbody tr").all_inner_texts()[0].startswith("host-499.example.org")
+        assert page.locator("#matrix tbody tr").count() == 1
+        tools = [h.split(" (")[0] for h in page.locator("#matrix thead th").all_inner_texts()[1:]]
+        page.fill("#f-tool", tools[-1].lower())
+        assert page.locator("#matrix thead th").count() == 2 and page.locator("#matrix tbody td.hit").count() == 1
+        page.locator("#matrix tbody td.hit").click()  # the drill-down of a cell built from the filtered view
+        page.wait_for_selector("#drill:not([hidden]) #files tbody tr")
+        assert page.locator("#drill-title").inner_text() == f"{tools[-1]} on host-499.example.org"
     print(
         f"\ndashboard 500 devices x 60 tools ({len(rows)} rows, ingest {ingest_s:.1f}s): "
-        f"time to first render {first_render:.2f}s (matrix fetch {fetch_ms} ms, built in the page in {render_ms} ms)"
+        f"time to first render {first_render:.2f}s (matrix fetch {fetch_ms} ms, built in the page in {render_ms} ms; "
+        f"a second sign-in, matrix cached: first render {cached_render:.2f}s, fetch {fetch_again_ms} ms)"
     )
+
+
+def test_matrix_cache_follows_ingest_and_window(tmp_path, shipped_rules):
+    from collector.dashboard import MatrixCache
+
+    now = dt.datetime.now(dt.UTC)
+    collector = Collector(f"sqlite:///{tmp_path}/c.db", shipped_rules)
+    try:
+        collector.start(background=False)
+        assert collector.enroll(device_id(1), "one") is not None
+        collector.ingest([make_row(1, 1, "MMSoft Design Ltd.", now)], device_id=device_id(1))
+        cache = MatrixCache(collector, ttl=60)
+        first = cache.get(5.0)
+        assert cache.get(5.0) is first  # served again, not rebuilt
+        assert json.loads(first)["cells"][0][4] == 1
+        collector.ingest([make_row(1, 2, "MMSoft Design Ltd.", now)], device_id=device_id(1))
+        again = json.loads(cache.get(5.0))  # an API ingest changes the marker: rebuilt
+        assert again["cells"][0][4] == 2
+        assert json.loads(cache.get(1.0)) == again  # another window is its own entry
+        expired = MatrixCache(collector, ttl=0)
+        assert expired.get(5.0) is not expired.get(5.0)
+    finally:
+        collector.close()
