@@ -801,7 +801,7 @@ class Collector:
                 convert.append(_converter(arg_names[i]))
         names = [name for name, _col in sql.by] + [agg.name for agg in sql.aggregates]
         out = []
-        for rule_id, *values in conn.execute(query).tuples():
+        for rule_id, *values in conn.execute(query):
             plan = by_rule.get(rule_id)
             if plan is None:
                 continue
