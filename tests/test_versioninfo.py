@@ -220,3 +220,22 @@ def test_a_store_from_before_the_version_columns_gets_them(tmp_path: Path, verif
         store.insert_rows(rows)
         (stored,) = list(store.iter_rows())
     assert stored["VersionInfoProductName"] == "Veyon"
+
+
+def test_msi_summary_reader_equals_olefile_on_the_fixtures() -> None:
+    """The bounded SummaryInformation reader gives what olefile's get_metadata gives, where
+    olefile parses (it is not used because it loops on hostile vector counts)."""
+    import olefile
+
+    from agent.extract.versioninfo import _msi_summary, _text
+
+    for name in ("signed.msi", "unsigned.msi"):
+        ole = olefile.OleFileIO(str(FIXTURES / "files" / name))
+        try:
+            meta = ole.get_metadata()
+            expected = {k: _text(getattr(meta, k) or b"") for k in ("author", "subject", "title")}
+            got = _msi_summary(ole)
+        finally:
+            ole.close()
+        assert expected["title"], name  # the fixtures carry a summary: the comparison is not empty
+        assert {k: got.get(k, "") for k in expected} == expected, name

@@ -131,7 +131,6 @@ def install() -> bool:
     return ok
 
 
-
 def release(signed_data: SignedData) -> None:
     """Drop one object's memoised list. Each SignerInfo refers back to its SignedData, so
     the list makes a reference cycle that only the cyclic garbage collector would free;

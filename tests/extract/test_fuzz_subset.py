@@ -47,3 +47,12 @@ def test_the_pool_kills_a_hanging_worker_and_counts_a_dead_one():
     assert [o.index for o in report.hangs] == [3]
     assert [o.index for o in report.crashes] == [5] and report.crashes[0].error == "worker died"
     assert report.statuses["OK"] == 10
+
+
+def test_known_hang_msi_summary_vector_count_ends_in_a_status():
+    """Seed 1, case 3979 (signed.msi, 9 bit flips): a SummaryInformation vector claiming ~2**32
+    elements made olefile's get_metadata loop with no deadline check. Run in the pool so a
+    regression shows as a hang report, not a stuck test run."""
+    report = run_pool(1, seed_value=1, workers=1, budget=5.0, timeout=30.0, first_index=3979)
+    assert not report.hangs and not report.crashes, "\n".join(report.lines())
+    assert report.cases == 1

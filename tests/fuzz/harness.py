@@ -506,13 +506,14 @@ def run_pool(
     progress: Callable[[Report], None] | None = None,
     notify: Callable[[str], None] | None = None,
     runner_class: type[CaseRunner] = CaseRunner,
+    first_index: int = 0,
 ) -> Report:
-    """Run cases 0..cases-1 in ``workers`` subprocesses; kill and replace any worker that
-    takes longer than ``timeout`` seconds for one case."""
+    """Run cases first_index..first_index+cases-1 in ``workers`` subprocesses; kill and replace
+    any worker that takes longer than ``timeout`` seconds for one case."""
     ctx = mp.get_context(start_method)
     report = Report()
     started = time.monotonic()
-    pending = iter(range(cases))
+    pending = iter(range(first_index, first_index + cases))
     slots = [_Slot(ctx, seed_value, budget, runner_class) for _ in range(workers or os.cpu_count() or 2)]
     done = False
 
