@@ -150,6 +150,11 @@ def evidence_dict(e: Any) -> dict[str, Any]:
 # perf: the first read takes one page, not just the magic: it holds the PE headers (so an unsigned
 # PE is told from a signed one without another read) and, for a small file, the whole content.
 PROBE_BYTES = 4096
+# A batch record costs a digest, a summary and a row (~70 us of CPU per directory on a first scan);
+# a smaller directory is re-scanned file by file instead. /usr/lib (60,263 files in 10,432
+# directories), warm first scan, CPU median of 5: 3.18 s before batch records, 4.14 s with every
+# batch recorded, 3.60 s with this threshold.
+MIN_RECORDED_BATCH = 16
 _READ_CHUNK = 1 << 20
 
 
@@ -633,7 +638,8 @@ class Scanner:
                 directory = os.path.dirname(batch[0].path)
                 ordinal = ordinal + 1 if directory == last_dir else 0
                 last_dir = directory
-                key = filecache.batch_key(directory, ordinal) if self.examine_hook is None else ""
+                recorded = self.examine_hook is None and len(batch) >= MIN_RECORDED_BATCH
+                key = filecache.batch_key(directory, ordinal) if recorded else ""
                 record, digest = None, b""
                 if key:
                     digest = filecache.batch_digest(batch)

@@ -167,8 +167,9 @@ def test_content_cache_is_bounded_and_keeps_only_outcomes_of_the_bytes():
 
 
 def test_rescan_never_reparses_an_unchanged_file_and_always_a_changed_one(tmp_path, monkeypatch):
-    from agent import filecache
+    from agent import filecache, scanner
 
+    monkeypatch.setattr(scanner, "MIN_RECORDED_BATCH", 1)  # every directory recorded, however small
     asked: list[str] = []
     real_lookup = filecache.lookup
     monkeypatch.setattr(filecache, "lookup", lambda db, dev, paths: asked.extend(paths) or real_lookup(db, dev, paths))
@@ -228,3 +229,27 @@ def test_content_cache_respects_the_time_budget_and_never_keeps_a_timeout(tmp_pa
         == "OK"
     )
     assert len(small) == 0
+
+
+def test_only_directories_of_min_recorded_batch_files_get_a_batch_record(tmp_path, monkeypatch):
+    """A batch record costs more than it saves in a small directory: those are re-scanned file by
+    file (one cache lookup each), the big one is counted from its record, and both ways agree."""
+    from agent import filecache, scanner
+
+    assert scanner.MIN_RECORDED_BATCH > 2
+    asked: list[str] = []
+    real_lookup = filecache.lookup
+    monkeypatch.setattr(filecache, "lookup", lambda db, dev, paths: asked.extend(paths) or real_lookup(db, dev, paths))
+    tree = tmp_path / "tree"
+    _tree(tree, files_in_big_dir=scanner.MIN_RECORDED_BATCH + 4)
+    with Store(tmp_path / "s.sqlite3") as store:
+        first = _scanner(store).scan([str(tree)])
+        recorded = {str(k).split("\0")[0] for (k,) in store.db.execute("SELECT batch FROM dir_cache")}
+        assert recorded == {str(tree / "big")}
+        asked.clear()
+        again = _scanner(store).scan([str(tree)])
+        assert (again.parsed, again.unchanged) == (0, first.files)
+        assert not any(p.startswith(str(tree / "big") + os.sep) for p in asked)  # the big one: its record
+        small = [p for p in asked if not p.startswith(str(tree / "big") + os.sep)]
+        assert len(small) == first.files - (scanner.MIN_RECORDED_BATCH + 4)  # the small ones: per file
+        assert dict(again.statuses) == dict(first.statuses) and again.current == first.current
