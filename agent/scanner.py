@@ -295,8 +295,8 @@ def examine_path(
     file's sake: a symlink loop is NOT_PE "symlink loop: not read", a dangling symlink is
     VANISHED "dangling symlink", a symlink not followed is NOT_PE "symlink (not followed): not read".
 
-    With ``content`` (a scan's ``ContentCache``), a candidate that may be signed and is at most
-    ``content.max_file_size`` bytes is read whole and its facts looked up by content first."""
+    With ``content`` (a scan's ``ContentCache``) and a verifier, a candidate that may be signed and is
+    at most ``content.max_file_size`` bytes is read whole and its facts looked up by content first."""
     try:
         if dir_fd is not None and dir_fd >= 0:
             fd, st = open_regular(name or os.path.basename(path), dir_fd=dir_fd, follow_symlinks=follow_symlinks)
@@ -322,10 +322,13 @@ def examine_path(
 
         verifying = resolve_verifier(verifier)
         facts = None
-        if content is not None and size <= content.max_file_size and _may_be_signed(head, size):
+        # by content only when verifying: reading signers alone (fastder) costs less than reading and
+        # hashing the whole file, and --no-verify never reads past the certificate table otherwise
+        by_content = content if verifying is not None else None
+        if by_content is not None and size <= by_content.max_file_size and _may_be_signed(head, size):
             with contextlib.suppress(_Grew):  # being written to: read as a stream below, like a large file
                 facts = _examine_content(
-                    fd, head, size, kind, content, verifier=verifying, time_budget=time_budget, caps=caps
+                    fd, head, size, kind, by_content, verifier=verifying, time_budget=time_budget, caps=caps
                 )
         if facts is None and len(head) == size:  # the first read holds the whole file: parse it from memory
             facts = extract_stream(io.BytesIO(head), size, verifier=verifying, time_budget=time_budget, **(caps or {}))
@@ -589,7 +592,12 @@ class Scanner:
                 else:
                     stats.excluded_hits += 1
         self.store.insert_hits(records)
-        self.store.queue_outbox(rows, {(r[0], r[1]) for r in records if r[5] is None})  # fleet: same transaction
+        excluded: dict[tuple[str, int], dict[str, str]] = {}
+        for device_id, report_id, rule_id, _name, _evidence, excl in records:
+            if excl is not None:
+                excluded.setdefault((device_id, report_id), {})[rule_id] = excl
+        hit_keys = {(r[0], r[1]) for r in records if r[5] is None}
+        self.store.queue_outbox(rows, hit_keys, excluded)  # fleet: same transaction
         stats.rows += len(rows)
 
     # --- a whole walk

@@ -779,18 +779,25 @@ class Store:
         )
         return first
 
-    def queue_outbox(self, rows: Sequence[dict[str, Any]], hit_keys: set[tuple[str, int]]) -> None:
+    def queue_outbox(
+        self,
+        rows: Sequence[dict[str, Any]],
+        hit_keys: set[tuple[str, int]],
+        excluded: Mapping[tuple[str, int], dict[str, str]] | None = None,
+    ) -> None:
         """Queue new rows for the collector: those in ``hit_keys`` ((DeviceId, ReportId) with a rule
         hit not excluded) or with an excluded hit, or every row when the policy is ``all``. Each
         carries its excluded hits (RuleExclusions): the collector keeps them out of fleet hunts
-        unless asked, as ``hunt --include-excluded`` here."""
+        unless asked, as ``hunt --include-excluded`` here. ``excluded`` ((DeviceId, ReportId) -> {rule
+        id: exclusion id}) is what the caller just stored; without it the hits table is read."""
         policy = self.outbox_policy()
         if policy is None or not rows:
             return
         from agent.transport.outbox import encode_entry
 
         forward, max_bytes = policy
-        excluded = self._excluded_pairs(rows)  # forwarded, so the collector excludes the same hits
+        if excluded is None:  # forwarded, so the collector excludes the same hits
+            excluded = self._excluded_pairs(rows)
         entries = []
         for row in rows:
             key = (row["DeviceId"], row["ReportId"])

@@ -208,27 +208,32 @@ def test_rescan_never_reparses_an_unchanged_file_and_always_a_changed_one(tmp_pa
 
 
 def test_content_cache_respects_the_time_budget_and_never_keeps_a_timeout(tmp_path):
+    from agent.extract.authenticode import TrustVerifier, load_roots
     from agent.scanner import ContentCache, examine_path
 
+    verifier = TrustVerifier(load_roots([FIXTURES / "pki" / "root-ca.pem"]))
+
+    def examine(content, budget=30.0, verify=verifier):
+        return examine_path(
+            str(SIGNED), (0, 0, 0, 0), verifier=verify, max_file_size=1 << 26, time_budget=budget, content=content
+        )
+
     content = ContentCache()
-    status, facts, _detail, _ident = examine_path(
-        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=1e-9, content=content
-    )
+    status, facts, _detail, _ident = examine(content, budget=1e-9)
     assert status == "TIMEOUT" and facts is not None and facts.kind == "PE"
     assert len(content) == 0
-    first = examine_path(
-        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=content
-    )
-    again = examine_path(
-        str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=content
-    )
+    first = examine(content)
+    again = examine(content)
     assert first[0] == again[0] == "OK" and again[1] is first[1] and content.hits == 1
     small = ContentCache(max_file_size=1000)  # larger files are read as a stream, never cached
-    assert (
-        examine_path(str(SIGNED), (0, 0, 0, 0), verifier=None, max_file_size=1 << 26, time_budget=30, content=small)[0]
-        == "OK"
-    )
+    assert examine(small)[0] == "OK"
     assert len(small) == 0
+    # without verification the signers are read from the certificate table alone: the file is not
+    # read whole and hashed, so the content cache is not used
+    unverified = ContentCache()
+    plain, plain_again = examine(unverified, verify=None), examine(unverified, verify=None)
+    assert plain[0] == plain_again[0] == "OK" and plain[1].sha256 == ""
+    assert len(unverified) == 0 and unverified.hits == unverified.misses == 0
 
 
 def test_only_directories_of_min_recorded_batch_files_get_a_batch_record(tmp_path, monkeypatch):
